@@ -1,0 +1,780 @@
+#!/usr/bin/env python
+"""CPU benchmark of a trained checkpoint: matmul peak, training throughput, decoding, memory.
+
+    python scripts/benchmark.py --checkpoint runs/multi30k-en-de/model.pt --json > bench.json
+
+Every number is measured in the run that prints it (nothing is read from earlier runs
+or from the checkpoint's metadata except the architecture, tokenizers and training
+options). A human-readable table goes to stderr; with --json, stdout carries exactly
+one line: the JSON object described below. Sections not chosen with --only are absent.
+
+JSON layout
+-----------
+schema                "seq2seq-benchmark/1"
+timestamp             UTC start time (ISO 8601); elapsed_s: wall seconds of the whole run
+command               the argv of this run
+environment           torch_version, python_version, seq2seq_version, num_threads
+                      (torch.get_num_threads()), num_interop_threads, cpu_model (from
+                      /proc/cpuinfo), cpu_count (os.cpu_count), affinity_cpus (usable cores),
+                      cpu_bf16_flags (avx512_bf16/amx_bf16/... present), env (OMP_NUM_THREADS,
+                      MKL_NUM_THREADS as set), hostname, load_average_at_start (other jobs
+                      on the machine distort every figure: check it)
+checkpoint            path, model_config, parameters (unique), src_vocab_size,
+                      tgt_vocab_size, label_smoothing / lr / max_len (training options
+                      read from the checkpoint's config, defaults if absent)
+peak                  matmul peak of this machine at the current thread count:
+  size                  n of the n x n @ n x n matmuls (2 n^3 FLOPs each)
+  float32, bfloat16     {gflops (best timed repeat), median_gflops, repeats, seconds
+                        (each timed repeat), warmup_seconds}; or {"error": ...}. Warm-up
+                        and repeats stop early once --peak-budget is spent (bfloat16
+                        without native CPU support runs at a few GFLOP/s)
+train                 training throughput on DATA/train.SRC / DATA/train.TGT, fresh model
+                      (seed), BucketBatchSampler(batch_size, seed), model.train(), one step =
+                      forward + CE(label_smoothing, ignore PAD, sum) / target tokens +
+                      backward + clip_grad_norm_(1.0) + Adam step; batches are collated
+                      before timing, so the clock covers the step only
+  data                  {train_src, train_tgt, pairs (after the max_len filter), batches_per_epoch}
+  batch_size, warmup_steps, timed_steps, seed
+  flop_accounting       {encoder_params_per_src_token, decoder_params_per_tgt_token,
+                        attention_key_params_per_src_token, bridge_params_per_sentence,
+                        lookup_embedding_params_excluded, note}: see `flop_accounting`
+  float32, bfloat16_autocast   each either
+                        {tgt_tokens_per_s (non-PAD target tokens, EOS included),
+                         src_tokens_per_s, sentences_per_s, seconds_per_step (mean),
+                         median_step_s, min_step_s, tgt_tokens, src_tokens, sentences,
+                         tgt_padding_fraction, src_padding_fraction (PAD share of the padded
+                         target / source tensors of the timed batches), model_flops_per_step
+                         (mean over timed steps), model_gflops_per_s,
+                         fraction_of_float32_peak (null without the peak section),
+                         fraction_of_bfloat16_peak (bf16 mode only), loss_first, loss_last,
+                         warmup_step_s}
+                        or {"skipped": "warm-up step took X s ..."} or {"error": "..."}
+decode                translation of DATA/TEST_SPLIT.SRC with Translator.from_checkpoint
+  test_src, test_ref, sentences   (the first --sentences lines, if given)
+  bleu_signature, chrf_signature
+  rows                  one per (dtype, beam, batch size), each {dtype, beam_size,
+                        batch_size, seconds, sentences_per_s, output_tokens (hypothesis
+                        subwords + 1 EOS per sentence), output_tokens_per_s, bleu, chrf,
+                        why (which sweep asked for the row)}; a bfloat16 row may instead
+                        carry {"error"} or {"skipped"}. Timing covers tokenization, search
+                        and detokenization (the whole translate_hypotheses call) after one
+                        untimed warm-up call on a few sentences.
+memory                peak resident set size (ru_maxrss via os.wait4) of a fresh child
+                      process per job, so one job does not inflate the other:
+  translate             {peak_rss_mb, setup_peak_rss_mb (after imports and model load,
+                        before the work), beam_size, batch_size, sentences, seconds}
+  train                 {peak_rss_mb, setup_peak_rss_mb, steps, batch_size, seconds}
+                        (either may be {"error": ...})
+
+Figures are throughput of this code on this CPU; FLOPs count only matmuls with
+parameters (6 per parameter per token for forward + backward), not attention scores
+over the source, elementwise work, or work on padding positions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import platform
+import resource
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import seq2seq
+from seq2seq.checkpoint import CheckpointError, load_model
+from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
+from seq2seq.files import InputError, read_lines
+from seq2seq.metrics import corpus_scores
+from seq2seq.model import build_model
+from seq2seq.tokenizer import PAD_ID
+from seq2seq.translate import SearchOptions, Translator
+
+SECTIONS = ("peak", "train", "decode", "memory")
+SCHEMA = "seq2seq-benchmark/1"
+log = logging.getLogger("benchmark")
+
+
+def say(msg: str = "") -> None:
+    """Human-readable progress and tables: stderr only (stdout is for the JSON)."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+# ---- guards -----------------------------------------------------------------------
+
+class StepTimeout(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float | None):
+    """Raise StepTimeout once `seconds` of wall time pass (checked between Python ops).
+
+    A long C++ kernel finishes before the exception can fire, but the decoder and
+    search are Python loops over small ops, so a pathologically slow mode stops soon
+    after the limit instead of running for many minutes. Library code that catches every
+    exception may swallow the alarm (the work then simply runs on; the training warm-up
+    also checks its elapsed time afterwards).
+    Used only around bfloat16 work, whose results are discarded when it fires.
+    """
+    if not seconds or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise StepTimeout(f"over the {seconds:g} s limit")
+
+    old = signal.signal(signal.SIGALRM, handler)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def short_error(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"[:300]
+
+
+# ---- environment -------------------------------------------------------------------
+
+def cpu_info() -> tuple[str, list[str]]:
+    model, flags = platform.processor() or "unknown", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("unknown", "", platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = value.split()
+    except OSError:
+        pass
+    bf16 = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+    return model, bf16
+
+
+def environment() -> dict:
+    model, bf16_flags = cpu_info()
+    try:
+        affinity = len(os.sched_getaffinity(0))
+    except AttributeError:
+        affinity = os.cpu_count()
+    return {
+        "torch_version": str(torch.__version__),
+        "python_version": platform.python_version(),
+        "seq2seq_version": seq2seq.__version__,
+        "num_threads": torch.get_num_threads(),
+        "num_interop_threads": torch.get_num_interop_threads(),
+        "cpu_model": model,
+        "cpu_count": os.cpu_count(),
+        "affinity_cpus": affinity,
+        "cpu_bf16_flags": bf16_flags,
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "hostname": socket.gethostname(),
+        "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+# ---- inputs ------------------------------------------------------------------------
+
+def data_paths(args) -> dict[str, Path]:
+    d = Path(args.data)
+    return {
+        "train_src": d / f"train.{args.src}", "train_tgt": d / f"train.{args.tgt}",
+        "test_src": d / f"{args.test_split}.{args.src}", "test_ref": d / f"{args.test_split}.{args.tgt}",
+    }
+
+
+def check_inputs(args, sections: list[str]) -> None:
+    """Fail early, before minutes of measuring, with one line naming the missing file."""
+    ckpt = Path(args.checkpoint)
+    if not ckpt.is_file():
+        raise InputError(f"checkpoint not found: {ckpt}")
+    paths = data_paths(args)
+    needed = []
+    if "train" in sections or "memory" in sections:
+        needed += ["train_src", "train_tgt"]
+    if "decode" in sections or "memory" in sections:
+        needed += ["test_src", "test_ref"]
+    for key in needed:
+        if not paths[key].is_file():
+            raise InputError(f"file not found: {paths[key]}")
+
+
+def training_options(info: dict) -> dict:
+    """Loss, optimiser and length filter as the checkpoint was trained (defaults otherwise)."""
+    cfg = info.get("config") or {}
+    optim, train = cfg.get("optim") or {}, cfg.get("train") or {}
+    return {
+        "label_smoothing": float(optim.get("label_smoothing", 0.1)),
+        "lr": float(optim.get("lr", 1e-3)),
+        "betas": tuple(optim.get("betas", (0.9, 0.999))),
+        "weight_decay": float(optim.get("weight_decay", 0.0)),
+        "max_len": train.get("max_len", 100),
+    }
+
+
+def test_lines(args) -> tuple[list[str], list[str]]:
+    paths = data_paths(args)
+    src, ref = read_lines(paths["test_src"]), read_lines(paths["test_ref"])
+    if len(src) != len(ref):
+        raise InputError(f"{paths['test_src']} has {len(src)} lines but {paths['test_ref']} has {len(ref)}")
+    if args.sentences is not None:
+        src, ref = src[:args.sentences], ref[:args.sentences]
+    return src, ref
+
+
+# ---- 1. peak -----------------------------------------------------------------------
+
+def matmul_gflops(dtype: torch.dtype, n: int, repeats: int, warmup: int, budget_s: float) -> dict:
+    """Best and median GFLOP/s of n x n @ n x n matmuls; stops repeating past budget_s."""
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(n, n, generator=g).to(dtype)
+    b = torch.randn(n, n, generator=g).to(dtype)
+    c = torch.empty(n, n, dtype=dtype)
+    flops = 2.0 * n ** 3
+    start = time.perf_counter()
+    for _ in range(warmup):
+        torch.matmul(a, b, out=c)
+        if time.perf_counter() - start > budget_s / 2:  # a slow (emulated) dtype: one is enough
+            break
+    warm = time.perf_counter() - start
+    times: list[float] = []
+    begin = time.perf_counter()
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b, out=c)
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() - begin > budget_s:
+            break
+    rates = [flops / t / 1e9 for t in times]
+    return {"gflops": max(rates), "median_gflops": statistics.median(rates), "repeats": len(times),
+            "seconds": [round(t, 5) for t in times], "warmup_seconds": round(warm, 3)}
+
+
+def bench_peak(args) -> dict:
+    out: dict = {"size": args.peak_size, "flops_per_matmul": 2 * args.peak_size ** 3}
+    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+        try:
+            r = matmul_gflops(dtype, args.peak_size, args.peak_repeats, args.peak_warmup, args.peak_budget)
+            say(f"peak {name:9s} {r['gflops']:9.1f} GFLOP/s  (median {r['median_gflops']:.1f}, "
+                f"{r['repeats']} repeats of {args.peak_size}^3)")
+        except Exception as e:  # noqa: BLE001 - a dtype this CPU build cannot do is a result
+            r = {"error": short_error(e)}
+            say(f"peak {name:9s} error: {r['error']}")
+        out[name] = r
+    return out
+
+
+# ---- 2. train ----------------------------------------------------------------------
+
+def flop_accounting(model: nn.Module) -> dict:
+    """Parameters that take part in matmuls, split by what they are applied to.
+
+    - encoder LSTM (everything in model.encoder but its embedding): once per source token;
+    - the attention key projection (decoder.attention.key_layer, if any): it runs on the
+      encoder outputs, so also once per source token;
+    - the bridge: once per sentence;
+    - everything else outside the encoder (decoder LSTM cells, attention query/energy,
+      combine, output layer): once per target token.
+    Embedding tables used only as lookups cost no matmul and are left out; a table tied
+    to the output layer (tie_embeddings) is counted once, as the output layer, in the
+    decoder; one shared with the encoder (share_embeddings) is likewise counted only there.
+    """
+    seen: set[int] = set()
+
+    def count(params) -> int:
+        total = 0
+        for p in params:
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+        return total
+
+    lookups = {id(model.encoder.embedding.weight), id(model.decoder.embedding.weight)}
+    out_w = model.decoder.output_layer.weight
+    lookups.discard(id(out_w))  # tied: it is the output layer's matmul weight
+    # count the decoder side first so a shared matrix lands in the decoder
+    decoder_params = [p for p in model.decoder.output_layer.parameters()]
+    key_layer = getattr(model.decoder.attention, "key_layer", None)
+    key_ids = {id(p) for p in key_layer.parameters()} if key_layer is not None else set()
+    per_tgt = count(decoder_params) + count(
+        p for name, p in model.named_parameters()
+        if not name.startswith(("encoder.", "bridge.")) and id(p) not in lookups and id(p) not in key_ids)
+    per_src_keys = count(key_layer.parameters()) if key_layer is not None else 0
+    per_sentence = count(model.bridge.parameters())
+    per_src = count(p for p in model.encoder.parameters() if id(p) not in lookups)
+    excluded = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values() if id(p) in lookups)
+    return {
+        "encoder_params_per_src_token": per_src,
+        "attention_key_params_per_src_token": per_src_keys,
+        "decoder_params_per_tgt_token": per_tgt,
+        "bridge_params_per_sentence": per_sentence,
+        "lookup_embedding_params_excluded": excluded,
+        "note": "model FLOPs = 6 * (src_tokens * (encoder + attention_key) + tgt_tokens * decoder "
+                "+ sentences * bridge); tokens are non-PAD and include EOS",
+    }
+
+
+def step_flops(acc: dict, src_tokens: int, tgt_tokens: int, sentences: int) -> float:
+    return 6.0 * (src_tokens * (acc["encoder_params_per_src_token"] + acc["attention_key_params_per_src_token"])
+                  + tgt_tokens * acc["decoder_params_per_tgt_token"]
+                  + sentences * acc["bridge_params_per_sentence"])
+
+
+def training_batches(args, src_tok, tgt_tok, opts: dict, count: int, batch_size: int):
+    """The first `count` batches the training loader would give (epoch 0, 1, ...), collated."""
+    paths = data_paths(args)
+    dataset = ParallelDataset.from_files(paths["train_src"], paths["train_tgt"], src_tok, tgt_tok,
+                                         max_len=opts["max_len"])
+    sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=args.seed)
+    batches, epoch = [], 0
+    while len(batches) < count:
+        sampler.set_epoch(epoch)
+        for idx in sampler:
+            batches.append(collate([dataset[i] for i in idx]))
+            if len(batches) == count:
+                break
+        epoch += 1
+    info = {"train_src": str(paths["train_src"]), "train_tgt": str(paths["train_tgt"]),
+            "pairs": len(dataset), "batches_per_epoch": len(sampler)}
+    return batches, info
+
+
+def run_training(model_config: dict, opts: dict, batches, *, warmup: int, steps: int, seed: int,
+                 autocast_dtype: torch.dtype | None = None, guard_s: float | None = None) -> dict:
+    """Warm-up then timed optimiser steps on a fresh model; per-step wall times and counts."""
+    torch.manual_seed(seed)
+    model = build_model(dict(model_config)).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], betas=opts["betas"],
+                                 weight_decay=opts["weight_decay"])
+    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=opts["label_smoothing"], reduction="sum")
+    ctx = (lambda: torch.autocast("cpu", dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+
+    def step(batch) -> float:
+        optimizer.zero_grad(set_to_none=True)
+        with ctx():
+            logits, _ = model(batch.src, batch.src_len, batch.tgt_in)   # (batch, tgt_len, vocab)
+            n_tokens = int((batch.tgt_out != PAD_ID).sum())
+            loss = loss_fn(logits.reshape(-1, logits.size(-1)).float(), batch.tgt_out.reshape(-1))
+            loss = loss / max(n_tokens, 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        return float(loss.detach())
+
+    warm_times, times, losses = [], [], []
+    for i, batch in enumerate(batches[:warmup + steps]):
+        timed = i >= warmup
+        t0 = time.perf_counter()
+        try:
+            with time_limit(None if timed else guard_s):
+                loss = step(batch)
+        except StepTimeout:
+            return {"skipped": f"warm-up step {i + 1} took over {guard_s:g} s; mode abandoned",
+                    "warmup_step_s": [round(t, 3) for t in warm_times]}
+        elapsed = time.perf_counter() - t0
+        if not timed:
+            warm_times.append(elapsed)
+            if guard_s and elapsed > guard_s:
+                return {"skipped": f"warm-up step {i + 1} took {elapsed:.1f} s (> {guard_s:g} s); mode abandoned",
+                        "warmup_step_s": [round(t, 3) for t in warm_times]}
+        else:
+            times.append(elapsed)
+            losses.append(loss)
+    return {"times": times, "warm_times": warm_times, "losses": losses}
+
+
+def summarise_training(raw: dict, batches, acc: dict, peak: dict | None, bf16: bool) -> dict:
+    if "times" not in raw:
+        return raw
+    times = raw["times"]
+    total = sum(times)
+    tgt = sum(int((b.tgt_out != PAD_ID).sum()) for b in batches)
+    src = sum(int(b.src_len.sum()) for b in batches)
+    sents = sum(b.src.size(0) for b in batches)
+    tgt_cells = sum(b.tgt_out.numel() for b in batches)
+    src_cells = sum(b.src.numel() for b in batches)
+    flops = sum(step_flops(acc, int(b.src_len.sum()), int((b.tgt_out != PAD_ID).sum()), b.src.size(0))
+                for b in batches)
+    gflops = flops / total / 1e9
+
+    def fraction(name: str):
+        p = (peak or {}).get(name) or {}
+        return gflops / p["gflops"] if p.get("gflops") else None
+
+    out = {
+        "tgt_tokens_per_s": tgt / total, "src_tokens_per_s": src / total, "sentences_per_s": sents / total,
+        "seconds_per_step": total / len(times), "median_step_s": statistics.median(times),
+        "min_step_s": min(times), "tgt_tokens": tgt, "src_tokens": src, "sentences": sents,
+        "tgt_padding_fraction": 1 - tgt / tgt_cells, "src_padding_fraction": 1 - src / src_cells,
+        "model_flops_per_step": flops / len(times), "model_gflops_per_s": gflops,
+        "fraction_of_float32_peak": fraction("float32"),
+        "loss_first": raw["losses"][0], "loss_last": raw["losses"][-1],
+        "warmup_step_s": [round(t, 3) for t in raw["warm_times"]],
+    }
+    if bf16:
+        out["fraction_of_bfloat16_peak"] = fraction("bfloat16")
+    return out
+
+
+def bench_train(args, model_config: dict, src_tok, tgt_tok, opts: dict, peak: dict | None) -> dict:
+    n = args.warmup + args.train_steps
+    batches, data_info = training_batches(args, src_tok, tgt_tok, opts, n, args.train_batch_size)
+    acc = flop_accounting(build_model(dict(model_config)))
+    out = {"data": data_info, "batch_size": args.train_batch_size, "warmup_steps": args.warmup,
+           "timed_steps": args.train_steps, "seed": args.seed, "flop_accounting": acc}
+    timed = batches[args.warmup:]
+    for key, dtype, guard in (("float32", None, None), ("bfloat16_autocast", torch.bfloat16, args.bf16_guard)):
+        say(f"train {key}: {args.warmup} warm-up + {args.train_steps} timed steps of {args.train_batch_size} ...")
+        try:
+            raw = run_training(model_config, opts, batches, warmup=args.warmup, steps=args.train_steps,
+                               seed=args.seed, autocast_dtype=dtype, guard_s=guard)
+            out[key] = summarise_training(raw, timed, acc, peak, bf16=dtype is not None)
+        except Exception as e:  # noqa: BLE001 - a failing precision mode is a result
+            out[key] = {"error": short_error(e)}
+        r = out[key]
+        if "tgt_tokens_per_s" in r:
+            frac = r["fraction_of_float32_peak"]
+            say(f"  {r['tgt_tokens_per_s']:9.0f} tgt tok/s  {r['sentences_per_s']:7.1f} sent/s  "
+                f"{r['seconds_per_step']:.3f} s/step  pad {r['tgt_padding_fraction']:.1%}  "
+                f"{r['model_gflops_per_s']:.2f} GFLOP/s" + (f" = {frac:.1%} of fp32 peak" if frac else ""))
+        else:
+            say(f"  {r}")
+    return out
+
+
+# ---- 3. decode ---------------------------------------------------------------------
+
+def decode_once(translator: Translator, lines, refs, beam: int, batch_size: int,
+                limit_s: float | None = None) -> dict:
+    opts = SearchOptions(beam_size=beam)
+    translator.translate_hypotheses(lines[:min(8, len(lines))], opts, batch_size=batch_size)  # warm-up
+    with time_limit(limit_s):
+        t0 = time.perf_counter()
+        hyps = translator.translate_hypotheses(lines, opts, batch_size=batch_size)
+        seconds = time.perf_counter() - t0
+    best = [h[0] for h in hyps]
+    n_tokens = sum(len(h.pieces) + 1 for h in best)
+    scores = corpus_scores([h.text for h in best], refs)
+    return {"seconds": seconds, "sentences_per_s": len(lines) / seconds, "output_tokens": n_tokens,
+            "output_tokens_per_s": n_tokens / seconds, "bleu": scores.bleu, "chrf": scores.chrf,
+            "_signatures": (scores.bleu_signature, scores.chrf_signature)}
+
+
+def decode_plan(args) -> list[tuple[int, int, str]]:
+    """(beam, batch size, why) in run order, without duplicates."""
+    plan: dict[tuple[int, int], list[str]] = {}
+    for bs in args.batch_sizes:
+        for beam in (5, 1):
+            plan.setdefault((beam, bs), []).append("batch-size sweep")
+    for beam in args.beam_sizes:
+        plan.setdefault((beam, 64), []).append("beam sweep")
+    return [(beam, bs, " + ".join(dict.fromkeys(why))) for (beam, bs), why in plan.items()]
+
+
+def bench_decode(args) -> dict:
+    paths = data_paths(args)
+    lines, refs = test_lines(args)
+    out: dict = {"test_src": str(paths["test_src"]), "test_ref": str(paths["test_ref"]),
+                 "sentences": len(lines), "rows": []}
+    translator = Translator.from_checkpoint(args.checkpoint)
+    fp32_seconds: dict[tuple[int, int], float] = {}
+    for beam, bs, why in decode_plan(args):
+        r = decode_once(translator, lines, refs, beam, bs)
+        out["bleu_signature"], out["chrf_signature"] = r.pop("_signatures")
+        fp32_seconds[(beam, bs)] = r["seconds"]
+        out["rows"].append({"dtype": "float32", "beam_size": beam, "batch_size": bs, **r, "why": why})
+        say(f"decode fp32 beam {beam:2d} batch {bs:4d}: {r['sentences_per_s']:8.1f} sent/s "
+            f"{r['output_tokens_per_s']:9.0f} tok/s  BLEU {r['bleu']:.2f}")
+
+    if args.no_bf16_decode:
+        return out
+    try:
+        model, src_tok, tgt_tok, info = load_model(args.checkpoint)
+        bf16 = Translator(model.to(torch.bfloat16), src_tok, tgt_tok, info)
+    except Exception as e:  # noqa: BLE001
+        bf16, err = None, short_error(e)
+    for beam in (1, 5):
+        row = {"dtype": "bfloat16", "beam_size": beam, "batch_size": 64, "why": "bfloat16 weights"}
+        if bf16 is None:
+            row["error"] = err
+        else:
+            # a bf16 run may take at most 10x the float32 time of the same setting (>= guard)
+            ref = fp32_seconds.get((beam, 64))
+            limit = max(args.bf16_guard, 10 * ref) if ref else args.bf16_guard * 10
+            stage = "warm-up on 8 sentences"
+            try:
+                with time_limit(args.bf16_guard):
+                    bf16.translate_hypotheses(lines[:8], SearchOptions(beam_size=beam), batch_size=64)
+                stage = "full run (limit: 10x float32 time)"
+                r = decode_once(bf16, lines, refs, beam, 64, limit_s=limit)
+                r.pop("_signatures")
+                row.update(r)
+            except StepTimeout as e:
+                row["skipped"] = f"bfloat16 decoding, {stage}: {e}"
+            except Exception as e:  # noqa: BLE001
+                row["error"] = short_error(e)
+        out["rows"].append(row)
+        if "seconds" in row:
+            say(f"decode bf16 beam {beam:2d} batch   64: {row['sentences_per_s']:8.1f} sent/s "
+                f"{row['output_tokens_per_s']:9.0f} tok/s  BLEU {row['bleu']:.2f}")
+        else:
+            say(f"decode bf16 beam {beam:2d} batch   64: {row.get('error') or row.get('skipped')}")
+    return out
+
+
+# ---- 4. memory ---------------------------------------------------------------------
+
+def child_main(args) -> int:
+    """Run one job in this (fresh) process; print its timings as JSON on stdout."""
+    setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args._child == "translate":
+        lines, _ = test_lines(args)
+        translator = Translator.from_checkpoint(args.checkpoint)
+        setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        translator.translate_hypotheses(lines, SearchOptions(beam_size=5), batch_size=64)
+        result = {"beam_size": 5, "batch_size": 64, "sentences": len(lines)}
+    else:
+        _, src_tok, tgt_tok, info = load_model(args.checkpoint)
+        opts = training_options(info)
+        batches, _ = training_batches(args, src_tok, tgt_tok, opts, args.memory_train_steps,
+                                      args.train_batch_size)
+        setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        t0 = time.perf_counter()
+        run_training(info["model_config"], opts, batches, warmup=0, steps=args.memory_train_steps, seed=args.seed)
+        result = {"steps": args.memory_train_steps, "batch_size": args.train_batch_size}
+    result["seconds"] = time.perf_counter() - t0
+    result["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result["setup_peak_rss_mb"] = setup_kb / 1024
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+def child_args(args, job: str) -> list[str]:
+    argv = [sys.executable, os.path.abspath(__file__), "--checkpoint", args.checkpoint, "--data", args.data,
+            "--src", args.src, "--tgt", args.tgt, "--test-split", args.test_split,
+            "--train-batch-size", str(args.train_batch_size), "--seed", str(args.seed),
+            "--memory-train-steps", str(args.memory_train_steps), "--_child", job]
+    if args.sentences is not None:
+        argv += ["--sentences", str(args.sentences)]
+    return argv
+
+
+def run_child(args, job: str) -> dict:
+    """Start a child, read its JSON, and take its ru_maxrss from os.wait4 (this child only)."""
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(child_args(args, job), stdout=subprocess.PIPE, stderr=err, text=True)
+        stdout = proc.stdout.read()
+        proc.stdout.close()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        stderr = err.read()
+    if proc.returncode != 0:
+        tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
+        return {"error": f"child exited {proc.returncode}: {tail[-1] if tail else ''}"[:300]}
+    result = json.loads(stdout.strip().splitlines()[-1])
+    return {"peak_rss_mb": usage.ru_maxrss / 1024, **result}
+
+
+def bench_memory(args) -> dict:
+    out = {}
+    for job in ("translate", "train"):
+        say(f"memory: {job} in a child process ...")
+        out[job] = run_child(args, job)
+        r = out[job]
+        say(f"  peak RSS {r['peak_rss_mb']:.0f} MB (after setup {r['setup_peak_rss_mb']:.0f} MB)"
+            if "peak_rss_mb" in r else f"  {r}")
+    return out
+
+
+# ---- report ------------------------------------------------------------------------
+
+def print_table(report: dict) -> None:
+    say("\n==== benchmark summary ====")
+    env = report["environment"]
+    say(f"{env['cpu_model']}  threads={env['num_threads']}  torch {env['torch_version']}  "
+        f"load at start {env['load_average_at_start']}")
+    if "peak" in report:
+        p = report["peak"]
+        for k in ("float32", "bfloat16"):
+            v = p[k]
+            say(f"peak {k:10s} " + (f"{v['gflops']:.1f} GFLOP/s" if "gflops" in v else str(v)))
+    if "train" in report:
+        t = report["train"]
+        say(f"{'train':22s} {'tgt tok/s':>10s} {'sent/s':>8s} {'s/step':>8s} {'pad':>6s} {'GFLOP/s':>8s} {'%fp32pk':>8s}")
+        for k in ("float32", "bfloat16_autocast"):
+            r = t.get(k, {})
+            if "tgt_tokens_per_s" in r:
+                frac = r["fraction_of_float32_peak"]
+                say(f"{k:22s} {r['tgt_tokens_per_s']:10.0f} {r['sentences_per_s']:8.1f} "
+                    f"{r['seconds_per_step']:8.3f} {r['tgt_padding_fraction']:6.1%} {r['model_gflops_per_s']:8.2f} "
+                    f"{(f'{frac:.2%}' if frac is not None else '-'):>8s}")
+            else:
+                say(f"{k:22s} {r}")
+    if "decode" in report:
+        d = report["decode"]
+        say(f"decode ({d['sentences']} sentences)")
+        say(f"{'dtype':9s} {'beam':>4s} {'batch':>5s} {'sent/s':>8s} {'tok/s':>9s} {'BLEU':>6s}")
+        for r in d["rows"]:
+            if "seconds" in r:
+                say(f"{r['dtype']:9s} {r['beam_size']:4d} {r['batch_size']:5d} {r['sentences_per_s']:8.1f} "
+                    f"{r['output_tokens_per_s']:9.0f} {r['bleu']:6.2f}")
+            else:
+                say(f"{r['dtype']:9s} {r['beam_size']:4d} {r['batch_size']:5d} {r.get('error') or r.get('skipped')}")
+    if "memory" in report:
+        for k, r in report["memory"].items():
+            say(f"memory {k:10s} " + (f"peak RSS {r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else str(r)))
+
+
+# ---- command line --------------------------------------------------------------------
+
+def finite(value):
+    """The report as strict JSON: NaN/inf (a diverged loss, say) become null, tuples lists."""
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
+
+
+def section_list(text: str) -> list[str]:
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in SECTIONS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown section(s) {bad or text!r}; choose from {','.join(SECTIONS)}")
+    return names
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Measure matmul peak, training throughput, decoding speed/BLEU "
+                                            "and peak memory of a checkpoint on this CPU.")
+    p.add_argument("--checkpoint", "-c", required=True, help="a .ckpt or model.pt written by seq2seq-train")
+    p.add_argument("--data", default="data/multi30k", help="corpus directory (default: %(default)s)")
+    p.add_argument("--src", default="en", help="source language suffix (default: %(default)s)")
+    p.add_argument("--tgt", default="de", help="target language suffix (default: %(default)s)")
+    p.add_argument("--test-split", default="test2016", help="decoded split: DATA/SPLIT.SRC (default: %(default)s)")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line of stdout")
+    p.add_argument("--only", type=section_list, default=list(SECTIONS),
+                   help="comma-separated sections to run (default: all of %s)" % ",".join(SECTIONS))
+    g = p.add_argument_group("peak")
+    g.add_argument("--peak-size", type=positive_int, default=2048, help="matmul size n (default: %(default)s)")
+    g.add_argument("--peak-repeats", type=positive_int, default=5, help="timed matmuls per dtype (default: %(default)s)")
+    g.add_argument("--peak-warmup", type=int, default=2, help="untimed matmuls per dtype (default: %(default)s)")
+    g.add_argument("--peak-budget", type=float, default=20.0,
+                   help="stop timing a dtype after this many seconds (default: %(default)s)")
+    g = p.add_argument_group("train")
+    g.add_argument("--train-steps", type=positive_int, default=20, help="timed steps (default: %(default)s)")
+    g.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
+    g.add_argument("--train-batch-size", type=positive_int, default=128, help="sentences per batch (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=1, help="batch order and model init (default: %(default)s)")
+    g.add_argument("--bf16-guard", type=float, default=20.0,
+                   help="abandon a bfloat16 mode whose warm-up step/call takes longer (s; default: %(default)s)")
+    g = p.add_argument_group("decode")
+    g.add_argument("--batch-sizes", type=int_list, default=[1, 16, 64, 128],
+                   help="batch sizes, each with beam 5 and greedy (default: 1,16,64,128)")
+    g.add_argument("--beam-sizes", type=int_list, default=[1, 2, 5, 10],
+                   help="beam sizes at batch size 64 (default: 1,2,5,10)")
+    g.add_argument("--sentences", type=positive_int, default=None, help="decode only the first N test sentences")
+    g.add_argument("--no-bf16-decode", action="store_true", help="skip the bfloat16 decoding rows")
+    g = p.add_argument_group("memory")
+    g.add_argument("--memory-train-steps", type=positive_int, default=10,
+                   help="training steps in the memory child (default: %(default)s)")
+    p.add_argument("--_child", choices=["translate", "train"], help=argparse.SUPPRESS)
+    return p
+
+
+def run(args) -> dict:
+    check_inputs(args, args.only)
+    started = time.perf_counter()
+    report: dict = {"schema": SCHEMA, "timestamp": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                    "command": sys.argv, "environment": environment()}
+    model, src_tok, tgt_tok, info = load_model(args.checkpoint)
+    opts = training_options(info)
+    report["checkpoint"] = {"path": str(args.checkpoint), "model_config": info["model_config"],
+                            "parameters": model.num_parameters(), "src_vocab_size": len(src_tok),
+                            "tgt_vocab_size": len(tgt_tok),
+                            **{k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()}}
+    del model
+    say(f"benchmark: {args.checkpoint} ({report['checkpoint']['parameters']:,} parameters), "
+        f"{torch.get_num_threads()} threads, sections {','.join(args.only)}")
+    if "peak" in args.only:
+        report["peak"] = bench_peak(args)
+    if "train" in args.only:
+        report["train"] = bench_train(args, info["model_config"], src_tok, tgt_tok, opts, report.get("peak"))
+    if "decode" in args.only:
+        report["decode"] = bench_decode(args)
+    if "memory" in args.only:
+        report["memory"] = bench_memory(args)
+    report["elapsed_s"] = time.perf_counter() - started
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
+    if args.warmup < 0 or args.peak_warmup < 0:
+        parser().error("--warmup and --peak-warmup must be >= 0")
+    try:
+        if args._child:
+            return child_main(args)
+        # Whatever a library might print goes to stderr: stdout carries only the JSON line.
+        real_stdout = os.dup(1)
+        sys.stdout.flush()
+        os.dup2(2, 1)
+        try:
+            with contextlib.redirect_stdout(sys.stderr):
+                report = run(args)
+        finally:
+            sys.stdout.flush()
+            os.dup2(real_stdout, 1)
+            os.close(real_stdout)
+        print_table(report)
+        if args.json:
+            print(json.dumps(finite(report)), flush=True)
+        return 0
+    except (InputError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

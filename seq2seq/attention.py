@@ -1,0 +1,119 @@
+"""Attention over encoder outputs: Bahdanau (additive), Luong dot and general.
+
+Attention holds no state. Each kind offers `project_keys(values) -> keys`, computed
+once per sentence (the expensive part that does not depend on the decoder step), and
+`forward(query, keys, values, mask) -> (context, weights)`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+ATTENTION_TYPES = ("bahdanau", "dot", "general")
+
+
+class Attention(nn.Module):
+    """Shared masking and weighting; subclasses define keys and scores."""
+
+    def project_keys(self, values: torch.Tensor) -> torch.Tensor:
+        """(batch, src_len, value_size) -> keys (batch, src_len, key_dim)."""
+        raise NotImplementedError
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """query (batch, steps, query_size), keys (batch, src_len, key_dim) -> (batch, steps, src_len)."""
+        raise NotImplementedError
+
+    def forward(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attend with one query per sentence, or with a query for each of several steps.
+
+        Args:
+            query: (batch, query_size) or (batch, steps, query_size): decoder top states.
+            keys: (batch, src_len, key_dim) from `project_keys`.
+            values: (batch, src_len, value_size) encoder outputs.
+            mask: (batch, src_len) True at real tokens, False at padding.
+        Returns:
+            context (batch, [steps,] value_size) and weights (batch, [steps,] src_len):
+            zero at padding, summing to one over each sentence.
+        """
+        single = query.dim() == 2
+        q = query.unsqueeze(1) if single else query                   # (batch, steps, query_size)
+        scores = self.score(q, keys)                                  # (batch, steps, src_len)
+        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        weights = torch.softmax(scores, dim=-1)                       # (batch, steps, src_len)
+        context = torch.bmm(weights, values)                          # (batch, steps, value_size)
+        return (context.squeeze(1), weights.squeeze(1)) if single else (context, weights)
+
+
+class BahdanauAttention(Attention):
+    """score(q, k_j) = v . tanh(W_q q + W_k h_j)  (Bahdanau et al., 2015)."""
+
+    def __init__(self, query_size: int, value_size: int, attention_size: int):
+        super().__init__()
+        self.key_layer = nn.Linear(value_size, attention_size, bias=False)
+        self.query_layer = nn.Linear(query_size, attention_size, bias=False)
+        self.energy_layer = nn.Linear(attention_size, 1, bias=False)
+
+    def project_keys(self, values: torch.Tensor) -> torch.Tensor:
+        return self.key_layer(values)  # (batch, src_len, attention_size)
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        q = self.query_layer(query).unsqueeze(2)                    # (batch, steps, 1, attention_size)
+        energy = torch.tanh(q + keys.unsqueeze(1))                  # (batch, steps, src_len, attention_size)
+        return self.energy_layer(energy).squeeze(-1)                # (batch, steps, src_len)
+
+
+class DotAttention(Attention):
+    """score(q, h_j) = q . h_j  (Luong et al., 2015); needs query_size == value_size."""
+
+    def __init__(self, query_size: int, value_size: int):
+        super().__init__()
+        if query_size != value_size:
+            raise ValueError(
+                f"dot attention needs the decoder's top hidden size ({query_size}) to equal the "
+                f"encoder output size ({value_size}); use attention=general or bahdanau instead"
+            )
+
+    def project_keys(self, values: torch.Tensor) -> torch.Tensor:
+        return values
+
+    def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        return torch.bmm(query, keys.transpose(1, 2))  # (batch, steps, src_len)
+
+
+class GeneralAttention(DotAttention):
+    """score(q, h_j) = q . W h_j  (Luong et al., 2015). W h_j is the precomputed key."""
+
+    def __init__(self, query_size: int, value_size: int):
+        nn.Module.__init__(self)
+        self.key_layer = nn.Linear(value_size, query_size, bias=False)
+
+    def project_keys(self, values: torch.Tensor) -> torch.Tensor:
+        return self.key_layer(values)  # (batch, src_len, query_size)
+
+
+def build_attention(kind: str, query_size: int, value_size: int, attention_size: int) -> Attention:
+    if kind == "bahdanau":
+        return BahdanauAttention(query_size, value_size, attention_size)
+    if kind == "dot":
+        return DotAttention(query_size, value_size)
+    if kind == "general":
+        return GeneralAttention(query_size, value_size)
+    raise ValueError(f"Unknown attention {kind!r}; choose one of: {', '.join(ATTENTION_TYPES)}")
+
+
+class Memory(NamedTuple):
+    """What the decoder attends over, computed once per batch of sentences."""
+
+    values: torch.Tensor  # (batch, src_len, enc_out) encoder outputs
+    keys: torch.Tensor    # (batch, src_len, key_dim) attention.project_keys(values)
+    mask: torch.Tensor    # (batch, src_len) True at real tokens
+
+    def index_select(self, index: torch.Tensor) -> Memory:
+        """Rows `index` (e.g. to expand for beams or retire finished sentences)."""
+        return Memory(self.values.index_select(0, index), self.keys.index_select(0, index),
+                      self.mask.index_select(0, index))

@@ -1,0 +1,118 @@
+"""One checkpoint file is enough to translate.
+
+A checkpoint (the Lightning one written during training, or a slim exported one)
+holds, besides tensors, only plain Python data under the key "seq2seq":
+
+    {"format_version": 1,
+     "model_config": {...},                       # ModelConfig.to_dict()
+     "tokenizer": {"joint": bool, "src": bytes, "tgt": bytes},  # SentencePiece models
+     "config": {...},                             # the resolved training config
+     "meta": {...}}                               # languages, best BLEU, versions, ...
+
+and the weights under "state_dict" (keys prefixed "model."). It is always loaded
+with `torch.load(weights_only=True)`, so a file carrying a pickled payload is
+refused before anything in it can run.
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .files import atomic_write
+from .model import ModelConfig, Seq2Seq, build_model
+from .tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+PREFIX = "model."
+
+
+class CheckpointError(Exception):
+    """A file that is not a usable seq2seq checkpoint."""
+
+
+def bytes_to_tensor(data: bytes) -> torch.Tensor:
+    """Raw bytes as a uint8 tensor: the safe loader accepts tensors, not pickled `bytes`."""
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).clone() if data else torch.zeros(0, dtype=torch.uint8)
+
+
+def tokenizers_from_payload(info: dict) -> tuple[Tokenizer, Tokenizer]:
+    tok = info["tokenizer"]
+    src = Tokenizer(tok["src"].numpy().tobytes())
+    return src, src if tok["joint"] else Tokenizer(tok["tgt"].numpy().tobytes())
+
+
+def payload(model_config: ModelConfig, src_tok: Tokenizer, tgt_tok: Tokenizer,
+            config: dict | None = None, meta: dict | None = None) -> dict:
+    """The plain-data part of a checkpoint."""
+    joint = src_tok == tgt_tok
+    return {
+        "format_version": FORMAT_VERSION,
+        "model_config": model_config.to_dict(),
+        "tokenizer": {"joint": joint, "src": bytes_to_tensor(src_tok.model_bytes),
+                      "tgt": bytes_to_tensor(b"" if joint else tgt_tok.model_bytes)},
+        "config": config or {},
+        "meta": meta or {},
+    }
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """torch.load with weights_only=True, every failure as a CheckpointError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} (no such file)")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} (empty file)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        # weights_only refuses anything that is not tensors and plain data: a pickled
+        # callable (a payload that would run code) lands here, unexecuted
+        detail = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln]
+        reason = detail[0] if detail else (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} (refused by the safe loader: {reason})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} ({first})") from None
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get("seq2seq"), dict) or "state_dict" not in ckpt:
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} (no seq2seq model inside)")
+    version = ckpt["seq2seq"].get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} (no format version)")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version}, newer than this seq2seq reads "
+            f"({FORMAT_VERSION}); upgrade seq2seq to load it"
+        )
+    return ckpt
+
+
+def load_model(path: str | Path) -> tuple[Seq2Seq, Tokenizer, Tokenizer, dict]:
+    """Model (eval mode, CPU), source and target tokenizers, and the plain-data payload."""
+    ckpt = read_checkpoint(path)
+    info = ckpt["seq2seq"]
+    try:
+        model = build_model(dict(info["model_config"]))
+        state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
+        model.load_state_dict(state, strict=True)
+        src_tok, tgt_tok = tokenizers_from_payload(info)
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} ({type(e).__name__}: {first})") from None
+    model.eval()
+    return model, src_tok, tgt_tok, info
+
+
+def save_model(path: str | Path, model: Seq2Seq, src_tok: Tokenizer, tgt_tok: Tokenizer,
+               config: dict | None = None, meta: dict | None = None,
+               state_dict: dict[str, Any] | None = None) -> Path:
+    """Write a slim checkpoint (weights + payload, no optimizer state), atomically."""
+    state = state_dict if state_dict is not None else {PREFIX + k: v for k, v in model.state_dict().items()}
+    ckpt = {"seq2seq": payload(model.config, src_tok, tgt_tok, config, meta), "state_dict": state}
+    with atomic_write(path, "wb") as f:
+        torch.save(ckpt, f)
+    return Path(path)

@@ -1,0 +1,259 @@
+"""Parallel text -> subword ids -> length-bucketed, padded batches.
+
+Sentences are stored as one flat int32 array per side plus offsets, never as one
+Python list per sentence, so a corpus of millions of pairs costs a few bytes per
+token, not hundreds of bytes per sentence.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from .files import InputError, read_lines
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class Batch(NamedTuple):
+    """A padded batch. Lightning moves NamedTuples of tensors to the device."""
+
+    src: torch.Tensor      # (batch, src_len) source ids + EOS, PAD-padded
+    src_len: torch.Tensor  # (batch,) int64, on CPU-friendly dtype for packing
+    tgt_in: torch.Tensor   # (batch, tgt_len) BOS + target ids
+    tgt_out: torch.Tensor  # (batch, tgt_len) target ids + EOS
+    index: torch.Tensor    # (batch,) position of each pair in its dataset
+
+
+class TokenArray:
+    """Variable-length id sequences in one flat array: sequence i is data[off[i]:off[i+1]]."""
+
+    def __init__(self, data: np.ndarray, offsets: np.ndarray):
+        self.data = data          # (total_tokens,) int32
+        self.offsets = offsets    # (n + 1,) int64
+
+    @classmethod
+    def from_lists(cls, seqs: Sequence[Sequence[int]]) -> TokenArray:
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        data = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
+        return cls(data, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        return self.data[self.offsets[i]:self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def select(self, keep: np.ndarray) -> TokenArray:
+        """Only the sequences at indices `keep` (sorted), as a new compact array."""
+        return TokenArray.from_lists([self[int(i)] for i in keep])
+
+
+def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str]]:
+    """Both sides of a parallel corpus; different line counts are an error naming both."""
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
+    if len(src) != len(tgt):
+        raise InputError(
+            f"parallel files differ in length: {src_path} has {len(src)} lines, "
+            f"{tgt_path} has {len(tgt)} lines"
+        )
+    return src, tgt
+
+
+def encode_lines(tokenizer: Tokenizer, lines: Sequence[str], chunk: int = 20_000) -> TokenArray:
+    """Tokenize in chunks so a huge corpus never holds all id lists at once."""
+    arrays = [TokenArray.from_lists(tokenizer.encode(lines[i:i + chunk])) for i in range(0, len(lines), chunk)]
+    if not arrays:
+        return TokenArray(np.zeros(0, np.int32), np.zeros(1, np.int64))
+    data = np.concatenate([a.data for a in arrays])
+    offsets = np.concatenate([[0]] + [a.offsets[1:] + base for a, base in
+                                      zip(arrays, np.cumsum([0] + [len(a.data) for a in arrays[:-1]]))])
+    return TokenArray(data, offsets.astype(np.int64))
+
+
+class ParallelDataset(Dataset):
+    """Tokenized sentence pairs. Item i is (source ids, target ids) without specials."""
+
+    def __init__(self, src: TokenArray, tgt: TokenArray):
+        if len(src) != len(tgt):
+            raise ValueError(f"source has {len(src)} sentences, target {len(tgt)}")
+        self.src, self.tgt = src, tgt
+
+    @classmethod
+    def from_files(
+        cls,
+        src_path: str | Path,
+        tgt_path: str | Path,
+        src_tokenizer: Tokenizer,
+        tgt_tokenizer: Tokenizer,
+        *,
+        max_len: int | None = None,
+        drop_empty: bool = True,
+    ) -> ParallelDataset:
+        """Read, tokenize and (for training) filter a parallel corpus.
+
+        `max_len` drops pairs with a side longer than that many subwords (training
+        only: evaluation sets are never filtered, they are decoded from raw text).
+        """
+        src_lines, tgt_lines = read_parallel(src_path, tgt_path)
+        if not src_lines:
+            raise InputError(f"empty corpus: {src_path} and {tgt_path} have no lines")
+        src, tgt = encode_lines(src_tokenizer, src_lines), encode_lines(tgt_tokenizer, tgt_lines)
+        keep = np.ones(len(src), dtype=bool)
+        if drop_empty:
+            keep &= (src.lengths > 0) & (tgt.lengths > 0)
+        if max_len is not None:
+            keep &= (src.lengths <= max_len) & (tgt.lengths <= max_len)
+        dropped = int((~keep).sum())
+        if dropped:
+            log.info("%s: dropped %d of %d pairs (empty side or longer than %s subwords)",
+                     src_path, dropped, len(src), max_len)
+            idx = np.flatnonzero(keep)
+            src, tgt = src.select(idx), tgt.select(idx)
+        if len(src) == 0:
+            raise InputError(f"no usable sentence pairs in {src_path} / {tgt_path} after filtering")
+        return cls(src, tgt)
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
+        return i, self.src[i], self.tgt[i]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """(n,) the longer side of each pair, plus one for EOS/BOS: what batches pad to."""
+        return np.maximum(self.src.lengths, self.tgt.lengths) + 1
+
+
+def collate(items: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> Batch:
+    """Pad (index, src ids, tgt ids) items into a Batch; source gets EOS, target BOS/EOS."""
+    n = len(items)
+    src_len = torch.tensor([len(s) + 1 for _, s, _ in items], dtype=torch.long)
+    tgt_len = max(len(t) for _, _, t in items) + 1
+    src = torch.full((n, int(src_len.max())), PAD_ID, dtype=torch.long)   # (batch, src_len)
+    tgt_in = torch.full((n, tgt_len), PAD_ID, dtype=torch.long)           # (batch, tgt_len)
+    tgt_out = torch.full((n, tgt_len), PAD_ID, dtype=torch.long)          # (batch, tgt_len)
+    for i, (_, s, t) in enumerate(items):
+        s, t = torch.from_numpy(s.astype(np.int64)), torch.from_numpy(t.astype(np.int64))
+        src[i, :len(s)] = s
+        src[i, len(s)] = EOS_ID
+        tgt_in[i, 0] = BOS_ID
+        tgt_in[i, 1:len(t) + 1] = t
+        tgt_out[i, :len(t)] = t
+        tgt_out[i, len(t)] = EOS_ID
+    index = torch.tensor([i for i, _, _ in items], dtype=torch.long)
+    return Batch(src, src_len, tgt_in, tgt_out, index)
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of similar-length pairs, reshuffled each epoch, reproducibly.
+
+    Each epoch draws a permutation from (seed, epoch), cuts it into pools of
+    `pool_factor` batches, sorts each pool by length and cuts it into batches, then
+    shuffles the batch order. Similar lengths keep padding small; the pools keep the
+    randomness. With several processes (DDP) each rank takes every `num_replicas`-th
+    batch, so all ranks see disjoint data and the same number of steps.
+
+    `load_state_dict({"epoch": e, "batches_done": n})` makes the next iteration skip
+    the first n batches of epoch e, so a run resumed mid-epoch continues with the next
+    batch instead of replaying the epoch (see datamodule.ResumableDataLoader).
+    """
+
+    def __init__(
+        self,
+        lengths: np.ndarray,
+        batch_size: int,
+        *,
+        max_tokens: int | None = None,
+        shuffle: bool = True,
+        seed: int = 0,
+        pool_factor: int = 50,
+        num_replicas: int = 1,
+        rank: int = 0,
+        drop_uneven: bool = True,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = np.asarray(lengths)
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+        self.shuffle, self.seed, self.pool_factor = shuffle, seed, pool_factor
+        self.num_replicas, self.rank, self.drop_uneven = num_replicas, rank, drop_uneven
+        self.epoch = 0
+        self._resume_from = 0   # batches of `epoch` already consumed before a restart
+        self._cache: tuple[int, list[np.ndarray]] | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._resume_from = 0
+        self.epoch = epoch
+
+    def _cut(self, order: np.ndarray) -> list[np.ndarray]:
+        """Cut length-sorted indices into batches by sentence count and token budget."""
+        batches, start = [], 0
+        lengths = self.lengths[order]
+        while start < len(order):
+            end = min(start + self.batch_size, len(order))
+            if self.max_tokens is not None:
+                # padded size of a batch is count * longest; shrink until it fits
+                while end - start > 1 and (end - start) * lengths[start:end].max() > self.max_tokens:
+                    end -= 1
+            batches.append(order[start:end])
+            start = end
+        return batches
+
+    def batches(self) -> list[np.ndarray]:
+        """All batches of the current epoch for this rank, in order."""
+        if self._cache is None or self._cache[0] != self.epoch:
+            self._cache = (self.epoch, self._make_batches())
+        return self._cache[1]
+
+    def _make_batches(self) -> list[np.ndarray]:
+        n = len(self.lengths)
+        if not self.shuffle:
+            order = np.argsort(self.lengths, kind="stable")
+            batches = self._cut(order)
+        else:
+            rng = np.random.default_rng([self.seed, self.epoch])
+            perm = rng.permutation(n)
+            pool = self.batch_size * self.pool_factor
+            batches = []
+            for i in range(0, n, pool):
+                chunk = perm[i:i + pool]
+                batches += self._cut(chunk[np.argsort(self.lengths[chunk], kind="stable")])
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        if self.num_replicas > 1:
+            # training: every rank must take the same number of steps, so drop the few
+            # batches that do not divide evenly; validation keeps them all
+            usable = len(batches) - len(batches) % self.num_replicas if self.drop_uneven else len(batches)
+            batches = batches[self.rank:usable:self.num_replicas]
+        return batches
+
+    @property
+    def resume_offset(self) -> int:
+        return self._resume_from
+
+    def __iter__(self) -> Iterator[list[int]]:
+        start, self._resume_from = self._resume_from, 0
+        for b in self.batches()[start:]:
+            yield b.tolist()
+
+    def __len__(self) -> int:
+        return len(self.batches())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch = int(state["epoch"])
+        self._resume_from = int(state["batches_done"])

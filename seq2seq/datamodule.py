@@ -1,0 +1,90 @@
+"""Lightning DataModule: files of one corpus -> train and validation batches."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from .data import BucketBatchSampler, ParallelDataset, collate
+from .tokenizer import Tokenizer
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that knows how far into the epoch it is.
+
+    Lightning saves `state_dict()` of a stateful loader in every checkpoint and hands it
+    back on resume, so a run killed mid-epoch continues with the next unseen batch.
+    It draws no numbers from torch's global generator (it has its own), so resuming
+    does not shift the dropout random stream.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, generator=torch.Generator().manual_seed(0), **kwargs)
+        self._consumed = 0
+
+    def __iter__(self):
+        self._consumed = self.batch_sampler.resume_offset
+        for batch in super().__iter__():
+            self._consumed += 1
+            yield batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.batch_sampler.epoch, "batches_done": self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.load_state_dict(state)
+
+
+class TranslationDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_src: str | Path,
+        train_tgt: str | Path,
+        valid_src: str | Path,
+        valid_tgt: str | Path,
+        src_tokenizer: Tokenizer,
+        tgt_tokenizer: Tokenizer,
+        *,
+        batch_size: int = 128,
+        max_tokens: int | None = None,
+        max_len: int | None = 100,
+        valid_batch_size: int = 128,
+        seed: int = 1,
+        num_workers: int = 0,
+    ):
+        super().__init__()
+        self.paths = (train_src, train_tgt, valid_src, valid_tgt)
+        self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
+        self.batch_size, self.max_tokens, self.max_len = batch_size, max_tokens, max_len
+        self.valid_batch_size, self.seed, self.num_workers = valid_batch_size, seed, num_workers
+        self.train_set: ParallelDataset | None = None
+        self.valid_set: ParallelDataset | None = None
+        self.train_sampler: BucketBatchSampler | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.train_set is None:
+            ts, tt, vs, vt = self.paths
+            self.train_set = ParallelDataset.from_files(ts, tt, self.src_tokenizer, self.tgt_tokenizer,
+                                                        max_len=self.max_len)
+            # validation is never filtered: BLEU is over every reference line
+            self.valid_set = ParallelDataset.from_files(vs, vt, self.src_tokenizer, self.tgt_tokenizer,
+                                                        max_len=None, drop_empty=False)
+        world, rank = 1, 0
+        if self.trainer is not None:
+            world, rank = self.trainer.world_size, self.trainer.global_rank
+        self.train_sampler = BucketBatchSampler(
+            self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, shuffle=True,
+            seed=self.seed, num_replicas=world, rank=rank)
+        self.valid_sampler = BucketBatchSampler(
+            self.valid_set.lengths, self.valid_batch_size, shuffle=False, num_replicas=world, rank=rank,
+            drop_uneven=False)
+
+    def train_dataloader(self) -> DataLoader:
+        return ResumableDataLoader(self.train_set, batch_sampler=self.train_sampler, collate_fn=collate,
+                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.valid_set, batch_sampler=self.valid_sampler, collate_fn=collate)

@@ -1,0 +1,72 @@
+"""Reading user text files tolerantly, and writing our own files atomically."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import IO
+
+log = logging.getLogger(__name__)
+
+
+class InputError(Exception):
+    """Bad user input (files, flags): reported as one line, exit code 2, no traceback."""
+
+
+def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
+    """UTF-8 lines without their newline; invalid bytes become U+FFFD with a warning.
+
+    A translation tool must not stop at one bad byte in line 9,000 of a user file,
+    nor silently change it: the warning names the file and the line.
+    """
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            line = raw.decode("utf-8", errors="replace")
+            log.warning("%s:%d: invalid UTF-8, bad bytes replaced by U+FFFD", name, number)
+        yield line.rstrip("\r\n")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """All lines of a text file (see `decode_lines`); a missing file is an InputError."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as f:
+            return list(decode_lines(f, str(path)))
+    except FileNotFoundError:
+        raise InputError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"expected a file, got a directory: {path}") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_write(path: str | Path, mode: str = "w", encoding: str | None = "utf-8") -> Iterator[IO]:
+    """Write to a temporary file beside `path`, fsync, then rename over `path`.
+
+    A kill at any moment leaves either the old file or the complete new one under the
+    final name, never half of one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else encoding) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,129 @@
+"""SentencePiece subwords: training from the training data, and the vocabulary.
+
+SentencePiece owns the vocabulary; there is no second vocabulary class. A trained
+model is kept as its serialized bytes, which is what travels inside a checkpoint, so
+a checkpoint alone is enough to tokenize and detokenize.
+
+Special ids are fixed for every model we train: pad=0, unk=1, bos=2, eos=3.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import sentencepiece as spm
+
+log = logging.getLogger(__name__)
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    """A SentencePiece model: text <-> subword ids."""
+
+    def __init__(self, model_bytes: bytes):
+        self.model_bytes = bytes(model_bytes)
+        self.sp = spm.SentencePieceProcessor()
+        self.sp.LoadFromSerializedProto(self.model_bytes)
+        if (self.sp.pad_id(), self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) != (
+            PAD_ID, UNK_ID, BOS_ID, EOS_ID,
+        ):
+            raise ValueError("SentencePiece model must use pad=0, unk=1, bos=2, eos=3")
+
+    def __len__(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self)
+
+    def encode(self, lines: Sequence[str]) -> list[list[int]]:
+        """Subword ids of each line, without BOS/EOS."""
+        return self.sp.encode(list(lines), out_type=int)
+
+    def pieces(self, line: str) -> list[str]:
+        return self.sp.encode(line, out_type=str)
+
+    def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        return [self.sp.decode([i for i in seq if i > EOS_ID]) for seq in ids]
+
+    def id_to_piece(self, ids: Iterable[int]) -> list[str]:
+        return [self.sp.id_to_piece(int(i)) for i in ids]
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and other.model_bytes == self.model_bytes
+
+    __hash__ = None  # mutable-free but compared by content; not meant as dict key
+
+
+def _sample_lines(paths: Sequence[Path], max_sentences: int, seed: int) -> Iterator[str]:
+    """Reservoir-sample at most `max_sentences` non-empty lines from files.
+
+    Bounded memory whatever the corpus size: SentencePiece never needs millions of
+    sentences to learn an 8k vocabulary.
+    """
+    rng = random.Random(seed)
+    reservoir: list[str] = []
+    seen = 0
+    for path in paths:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                line = line.strip()
+                if not line:
+                    continue
+                seen += 1
+                if len(reservoir) < max_sentences:
+                    reservoir.append(line)
+                else:
+                    j = rng.randrange(seen)
+                    if j < max_sentences:
+                        reservoir[j] = line
+    return iter(reservoir)
+
+
+def train_tokenizer(
+    paths: Sequence[str | Path],
+    vocab_size: int,
+    *,
+    model_type: str = "unigram",
+    character_coverage: float = 1.0,
+    max_sentences: int = 1_000_000,
+    seed: int = 1,
+) -> Tokenizer:
+    """Train a SentencePiece model on the lines of `paths` and return it in memory."""
+    valid_types = ("unigram", "bpe", "char", "word")
+    if model_type not in valid_types:
+        raise ValueError(f"Unknown tokenizer model_type {model_type!r}; choose one of: {', '.join(valid_types)}")
+    paths = [Path(p) for p in paths]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"tokenizer training file not found: {p}")
+    sentences = list(_sample_lines(paths, max_sentences, seed))
+    if not sentences:
+        raise ValueError(f"no text to train the tokenizer on in: {', '.join(map(str, paths))}")
+    model = io.BytesIO()
+    spm.set_random_generator_seed(seed)  # same data and seed, same vocabulary
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences),
+        model_writer=model,
+        vocab_size=vocab_size,
+        model_type=model_type,
+        character_coverage=character_coverage,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+        # A small corpus may not support the requested size: take what it supports
+        # rather than failing, and say so below.
+        hard_vocab_limit=False,
+        input_sentence_size=max_sentences,
+        shuffle_input_sentence=True,
+        num_threads=2,
+        minloglevel=2,
+    )
+    tok = Tokenizer(model.getvalue())
+    if len(tok) != vocab_size:
+        log.warning("tokenizer: asked for %d pieces, the data supports %d", vocab_size, len(tok))
+    return tok
+

@@ -1,0 +1,200 @@
+"""Training entry point: `seq2seq-train [experiment=NAME] [key=value ...]`.
+
+`main` is the thin Hydra wrapper; `train(cfg)` does the work and is what tests call
+with a composed config. Everything a run writes lands under `cfg.paths.output_dir`
+(the Hydra run directory): the resolved config, logs, checkpoints/{best,last}.ckpt,
+the exported model.pt, test translations and results.json.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from omegaconf import DictConfig, OmegaConf
+
+from . import toy
+from .checkpoint import CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
+from .cpu import keep_freed_memory
+from .datamodule import TranslationDataModule
+from .files import InputError, atomic_write, read_lines
+from .metrics import corpus_scores
+from .model import ModelConfig
+from .module import TranslationModule
+from .tokenizer import Tokenizer, train_tokenizer
+from .translate import SearchOptions, Translator
+
+log = logging.getLogger(__name__)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file, fsynced, then renamed.
+
+    A run killed while saving keeps its previous last.ckpt intact.
+    """
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None) -> None:
+        with atomic_write(path, "wb") as f:
+            torch.save(checkpoint, f)
+
+
+def split_paths(cfg: DictConfig, split: str) -> tuple[Path, Path]:
+    d = Path(cfg.data.dir)
+    return d / f"{cfg.data[split]}.{cfg.data.src_lang}", d / f"{cfg.data[split]}.{cfg.data.tgt_lang}"
+
+
+def check_config(cfg: DictConfig) -> ModelConfig:
+    """Fail on bad settings and missing files before any work starts."""
+    model_config = ModelConfig.from_dict({**OmegaConf.to_container(cfg.model, resolve=True),
+                                          "src_vocab_size": 1, "tgt_vocab_size": 1})
+    if cfg.data.name == "toy" and not Path(cfg.data.dir, f"{cfg.data.train}.{cfg.data.src_lang}").exists():
+        log.info("generating the toy task into %s", cfg.data.dir)
+        toy.generate(cfg.data.dir)
+    for split in ("train", "valid"):
+        for p in split_paths(cfg, split):
+            if not p.is_file():
+                raise InputError(f"{split} file not found: {p} (prepare the data first, or set data.dir)")
+    if cfg.train.batch_size < 1:
+        raise InputError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    return model_config
+
+
+def build_tokenizers(cfg: DictConfig, resume_from: Path | None) -> tuple[Tokenizer, Tokenizer]:
+    if resume_from is not None:
+        return tokenizers_from_payload(read_checkpoint(resume_from)["seq2seq"])
+    src_path, tgt_path = split_paths(cfg, "train")
+    t = cfg.tokenizer
+    kwargs = dict(model_type=t.model_type, character_coverage=t.character_coverage,
+                  max_sentences=t.max_sentences, seed=cfg.seed)
+    if t.joint:
+        tok = train_tokenizer([src_path, tgt_path], t.vocab_size, **kwargs)
+        return tok, tok
+    return (train_tokenizer([src_path], t.vocab_size, **kwargs),
+            train_tokenizer([tgt_path], t.vocab_size, **kwargs))
+
+
+def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
+    last = run_dir / "checkpoints" / "last.ckpt"
+    if not (cfg.train.resume and last.is_file()):
+        return None
+    try:
+        saved = read_checkpoint(last)["seq2seq"]["config"]
+    except CheckpointError as e:
+        raise InputError(f"cannot resume: {e}; delete it or set train.resume=false") from None
+    if saved.get("model") != OmegaConf.to_container(cfg.model, resolve=True) or \
+            saved.get("tokenizer") != OmegaConf.to_container(cfg.tokenizer, resolve=True):
+        raise InputError(
+            f"cannot resume: {last} was trained with a different model or tokenizer config; "
+            f"use another hydra.run.dir (or name=...) or train.resume=false"
+        )
+    log.info("resuming from %s", last)
+    return last
+
+
+def evaluate_test(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> dict | None:
+    """Translate the test split with the best checkpoint and score it."""
+    src_path, ref_path = split_paths(cfg, "test")
+    if not (src_path.is_file() and ref_path.is_file()):
+        log.info("no test split at %s: skipping the test evaluation", src_path)
+        return None
+    translator = Translator.from_checkpoint(checkpoint)
+    sources, refs = read_lines(src_path), read_lines(ref_path)
+    results = {}
+    for beam in sorted({1, int(cfg.evaluate.beam_size)}):
+        opts = SearchOptions(beam_size=beam, alpha=cfg.evaluate.alpha)
+        start = time.perf_counter()
+        hyps = [h[0].text for h in translator.translate_hypotheses(sources, opts, batch_size=cfg.evaluate.batch_size)]
+        seconds = time.perf_counter() - start
+        scores = corpus_scores(hyps, refs, hyp_name=f"beam {beam} output", ref_name=str(ref_path))
+        with atomic_write(run_dir / f"test.beam{beam}.hyp") as f:
+            f.write("".join(h + "\n" for h in hyps))
+        results[f"beam{beam}"] = {**scores.to_dict(), "seconds": seconds}
+        log.info("test (%s, beam %d): %s", src_path, beam, scores.format().replace("\n", " | "))
+    return results
+
+
+def train(cfg: DictConfig) -> dict:
+    """Train, keep the best checkpoint by validation BLEU, export it, score the test split."""
+    run_dir = Path(cfg.paths.output_dir)
+    model_cfg = check_config(cfg)
+    keep_freed_memory()
+    L.seed_everything(cfg.seed, workers=True)
+    resume = find_resume(cfg, run_dir)
+    src_tok, tgt_tok = build_tokenizers(cfg, resume)
+    model_cfg.src_vocab_size, model_cfg.tgt_vocab_size = len(src_tok), len(tgt_tok)
+    ModelConfig.from_dict(model_cfg.to_dict())  # re-validate with the real vocabulary sizes
+
+    train_src, train_tgt = split_paths(cfg, "train")
+    valid_src, valid_tgt = split_paths(cfg, "valid")
+    datamodule = TranslationDataModule(
+        train_src, train_tgt, valid_src, valid_tgt, src_tok, tgt_tok,
+        batch_size=cfg.train.batch_size, max_tokens=cfg.train.max_tokens, max_len=cfg.train.max_len,
+        seed=cfg.seed, num_workers=cfg.train.num_workers)
+    plain_cfg = OmegaConf.to_container(cfg, resolve=True)
+    module = TranslationModule(
+        model_cfg.to_dict(), **OmegaConf.to_container(cfg.optim, resolve=True),
+        src_tokenizer=src_tok, tgt_tokenizer=tgt_tok, valid_references=read_lines(valid_tgt),
+        run_config=plain_cfg,
+        meta={"src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang, "data": cfg.data.name,
+              "train_files": [str(train_src), str(train_tgt)]})
+    log.info("model: %d parameters; vocabulary %d/%d", module.model.num_parameters(), len(src_tok), len(tgt_tok))
+
+    ckpt_dir = run_dir / "checkpoints"
+    best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/bleu", mode="max",
+                           save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
+    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
+                           every_n_train_steps=cfg.train.checkpoint_every_n_steps, enable_version_counter=False)
+    callbacks = [best, last, LearningRateMonitor(logging_interval="epoch"),
+                 EarlyStopping(monitor="val/bleu", mode="max", patience=cfg.train.early_stopping_patience,
+                               check_finite=True, strict=False)]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger),
+                                     default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
+    with atomic_write(run_dir / "config.yaml") as f:
+        f.write(OmegaConf.to_yaml(cfg, resolve=True))
+
+    start = time.monotonic()
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None)
+    wall = time.monotonic() - start
+    if trainer.global_rank != 0:
+        return {}
+
+    best_path = Path(best.best_model_path) if best.best_model_path else ckpt_dir / "last.ckpt"
+    summary = {"run_dir": str(run_dir), "best_checkpoint": str(best_path),
+               "best_val_bleu": float(best.best_model_score) if best.best_model_score is not None else None,
+               "parameters": module.model.num_parameters(), "fit_seconds": wall,
+               "epochs": trainer.current_epoch, "steps": trainer.global_step}
+    if best_path.is_file():
+        # the slim model: weights + tokenizer + config, no optimizer state
+        ckpt = read_checkpoint(best_path)
+        info = ckpt["seq2seq"]
+        model_pt = save_model(run_dir / "model.pt", module.model, src_tok, tgt_tok, info["config"],
+                              info["meta"], state_dict=ckpt["state_dict"])
+        summary["model"] = str(model_pt)
+        summary["test"] = evaluate_test(cfg, model_pt, run_dir)
+    with atomic_write(run_dir / "results.json") as f:
+        json.dump(summary, f, indent=2)
+    log.info("results: %s", json.dumps(summary))
+    return summary
+
+
+@hydra.main(version_base="1.3", config_path="pkg://seq2seq.configs", config_name="train")
+def main(cfg: DictConfig) -> None:
+    try:
+        train(cfg)
+    except (InputError, CheckpointError, ValueError) as e:
+        # a user mistake: one line naming the problem, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Shared fixtures: the toy task, and one toy model trained through the console script.
+
+Training the toy model once per session (about a minute on 2 CPU cores) gives the
+other tests a real, converged model to check search and I/O behaviour against.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from seq2seq import toy
+from seq2seq.model import ModelConfig, Seq2Seq
+
+BIN = Path(sys.executable).parent
+
+
+def console(name: str) -> str:
+    """Path of an installed console script (installed beside this Python)."""
+    path = BIN / name
+    found = str(path) if path.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"console script {name} is not installed; run the README's test command")
+    return found
+
+
+def run_cli(args: list[str], cwd: Path | None = None, stdin: bytes | None = None,
+            timeout: int = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([console(args[0]), *args[1:]], cwd=cwd, input=stdin, capture_output=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="session")
+def toy_data(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("toydata")
+    toy.generate(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def toy_run(tmp_path_factory) -> dict:
+    """Train `experiment=toy` with the installed console script, from a scratch directory."""
+    work = tmp_path_factory.mktemp("toyrun")
+    run_dir = work / "run"
+    proc = run_cli(["seq2seq-train", "experiment=toy", f"hydra.run.dir={run_dir}"], cwd=work)
+    if proc.returncode != 0:
+        pytest.fail(f"toy training failed ({proc.returncode}):\n{proc.stderr.decode()[-4000:]}")
+    results = json.loads((run_dir / "results.json").read_text())
+    return {"dir": run_dir, "work": work, "results": results, "model": run_dir / "model.pt",
+            "data": work / "data" / "toy"}
+
+
+@pytest.fixture
+def tiny_model() -> Seq2Seq:
+    """An untrained two-layer model with different layer sizes, in eval mode."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(src_vocab_size=30, tgt_vocab_size=25, embedding_size=16, encoder_hidden_size=12,
+                      encoder_layers=2, decoder_hidden_sizes=[20, 24], attention="bahdanau", dropout=0.0)
+    return Seq2Seq(cfg).eval()

@@ -1,0 +1,99 @@
+"""The command lines: translate and evaluate, including bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from .conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def toy(toy_run):
+    data = toy_run["data"]
+    return {"model": str(toy_run["model"]), "src": data / "test.src", "tgt": data / "test.tgt",
+            "lines": (data / "test.src").read_text().splitlines(),
+            "refs": (data / "test.tgt").read_text().splitlines()}
+
+
+def test_translate_arguments_stdin_and_files_agree(toy, tmp_path):
+    lines, refs = toy["lines"][:5], toy["refs"][:5]
+    by_args = run_cli(["seq2seq-translate", "-c", toy["model"], *lines])
+    by_stdin = run_cli(["seq2seq-translate", "-c", toy["model"], "--beam-size", "5"],
+                       stdin=("\n".join(lines) + "\n").encode())
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    by_file = run_cli(["seq2seq-translate", "-c", toy["model"], "--input", str(tmp_path / "in.txt"),
+                       "--output", str(tmp_path / "out.txt")])
+    assert by_args.returncode == by_stdin.returncode == by_file.returncode == 0
+    assert by_args.stdout.decode().splitlines() == refs
+    assert by_stdin.stdout == by_args.stdout
+    assert by_file.stdout == b""  # stdout carries translations only, and here they went to the file
+    assert (tmp_path / "out.txt").read_text().splitlines() == refs
+
+
+def test_blank_lines_give_blank_output_lines(toy):
+    text = f"{toy['lines'][0]}\n\n   \n\t\n{toy['lines'][1]}\n"
+    proc = run_cli(["seq2seq-translate", "-c", toy["model"]], stdin=text.encode())
+    assert proc.stdout.decode().split("\n") == [toy["refs"][0], "", "", "", toy["refs"][1], ""]
+
+
+def test_ten_thousand_bad_lines_give_ten_thousand_outputs(toy, tmp_path):
+    good = toy["lines"][0].encode()
+    kinds = [good, b"", b"   ", b"\xff\xfe broken \xc3", b" ".join([good] * 60), "ünïcödé ✓".encode(),
+             b"\t" + good + b"\t", b"\r"]
+    raw = b"\n".join(kinds[i % len(kinds)] for i in range(10_000)) + b"\n"
+    (tmp_path / "bad.txt").write_bytes(raw)
+    proc = run_cli(["seq2seq-translate", "-c", toy["model"], "--beam-size", "1", "--batch-size", "256",
+                    "--input", str(tmp_path / "bad.txt"), "--output", str(tmp_path / "out.txt")])
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = (tmp_path / "out.txt").read_text().split("\n")
+    assert len(out) == 10_001 and out[-1] == ""
+    assert out[0] == toy["refs"][0] and out[1] == out[2] == ""
+    assert b"bad.txt:4: invalid UTF-8" in proc.stderr
+    assert b"input line 5:" in proc.stderr and b"cropped" in proc.stderr
+
+
+def test_nbest_and_json_formats(toy):
+    proc = run_cli(["seq2seq-translate", "-c", toy["model"], "--nbest", "3", toy["lines"][0], ""])
+    rows = [line.split("\t") for line in proc.stdout.decode().splitlines()]
+    assert [(r[0], r[1]) for r in rows[:3]] == [("1", "1"), ("1", "2"), ("1", "3")]
+    assert rows[0][3] == toy["refs"][0]
+    assert float(rows[0][2]) >= float(rows[1][2]) >= float(rows[2][2])
+    proc = run_cli(["seq2seq-translate", "-c", toy["model"], "--json", "--nbest", "2", toy["lines"][0]])
+    obj = json.loads(proc.stdout)
+    assert obj["translation"] == toy["refs"][0] and len(obj["hypotheses"]) == 2
+
+
+def test_evaluate_prints_scores_with_signatures(toy):
+    proc = run_cli(["seq2seq-evaluate", "-c", toy["model"], "--source", str(toy["src"]),
+                    "--reference", str(toy["tgt"]), "--beam-size", "5", "--json"])
+    assert proc.returncode == 0, proc.stderr.decode()
+    result = json.loads(proc.stdout)
+    assert result["n_sentences"] == len(toy["lines"]) and result["beam_size"] == 5
+    assert result["bleu"] >= 90 and "tok:13a" in result["bleu_signature"] and "nc:6" in result["chrf_signature"]
+    text = run_cli(["seq2seq-evaluate", "--hypothesis", str(toy["tgt"]), "--reference", str(toy["tgt"])])
+    assert text.stdout.decode().startswith("BLEU = 100.00  (nrefs:1|case:mixed")
+
+
+def test_evaluate_line_count_mismatch_names_both_files(toy, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("\n".join(toy["refs"][:10]) + "\n")
+    proc = run_cli(["seq2seq-evaluate", "--hypothesis", str(short), "--reference", str(toy["tgt"])])
+    assert proc.returncode == 2 and b"Traceback" not in proc.stderr
+    msg = proc.stderr.decode()
+    assert f"{short} has 10 lines" in msg and f"{toy['tgt']} has {len(toy['refs'])}" in msg
+
+
+@pytest.mark.parametrize("flag", ["--reference", "--source"])
+def test_missing_files_exit_2_without_traceback(toy, flag, tmp_path):
+    args = {"--source": str(toy["src"]), "--reference": str(toy["tgt"])}
+    args[flag] = str(tmp_path / "nope.txt")
+    proc = run_cli(["seq2seq-evaluate", "-c", toy["model"], *[x for kv in args.items() for x in kv]])
+    assert proc.returncode == 2
+    assert b"Traceback" not in proc.stderr and b"nope.txt" in proc.stderr
+
+
+def test_bad_flag_values_are_refused(toy):
+    proc = run_cli(["seq2seq-translate", "-c", toy["model"], "--beam-size", "2", "--nbest", "3", "x"])
+    assert proc.returncode == 2 and b"--nbest must be between 1 and --beam-size (2)" in proc.stderr

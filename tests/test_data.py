@@ -1,0 +1,111 @@
+"""Data path: files -> ids -> length-bucketed padded batches."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from seq2seq.data import BucketBatchSampler, ParallelDataset, TokenArray, collate, read_parallel
+from seq2seq.datamodule import ResumableDataLoader
+from seq2seq.files import InputError
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def toy_tokenizer(toy_data):
+    return train_tokenizer([toy_data / "train.src", toy_data / "train.tgt"], 100, model_type="word")
+
+
+def test_tokenizer_round_trip(toy_data, toy_tokenizer):
+    lines = (toy_data / "valid.tgt").read_text().splitlines()[:20]
+    assert toy_tokenizer.decode(toy_tokenizer.encode(lines)) == lines
+    assert toy_tokenizer.sp.pad_id() == PAD_ID and toy_tokenizer.sp.eos_id() == EOS_ID
+
+
+def test_collate_adds_specials_and_pads():
+    batch = collate([(0, np.array([5, 6, 7]), np.array([8, 9])), (1, np.array([5]), np.array([8, 9, 10, 11]))])
+    assert batch.src.tolist() == [[5, 6, 7, EOS_ID], [5, EOS_ID, PAD_ID, PAD_ID]]
+    assert batch.src_len.tolist() == [4, 2]
+    assert batch.tgt_in.tolist() == [[BOS_ID, 8, 9, PAD_ID, PAD_ID], [BOS_ID, 8, 9, 10, 11]]
+    assert batch.tgt_out.tolist() == [[8, 9, EOS_ID, PAD_ID, PAD_ID], [8, 9, 10, 11, EOS_ID]]
+    assert batch.index.tolist() == [0, 1]
+
+
+def test_token_array_holds_sequences_flat():
+    arr = TokenArray.from_lists([[1, 2], [], [3, 4, 5]])
+    assert arr.data.dtype == np.int32 and len(arr) == 3
+    assert arr[2].tolist() == [3, 4, 5] and arr[1].tolist() == []
+    assert arr.select(np.array([0, 2]))[1].tolist() == [3, 4, 5]
+
+
+def test_sampler_covers_each_pair_once_and_is_reproducible():
+    lengths = np.random.default_rng(0).integers(1, 40, size=1000)
+    s = BucketBatchSampler(lengths, 32, seed=3)
+    epoch0 = list(s)
+    assert sorted(i for b in epoch0 for i in b) == list(range(1000))
+    assert list(BucketBatchSampler(lengths, 32, seed=3)) == epoch0
+    s.set_epoch(1)
+    assert list(s) != epoch0
+    # batches group similar lengths: padding is small
+    padded = sum(len(b) * lengths[b].max() for b in epoch0)
+    assert 1 - lengths.sum() / padded < 0.1
+
+
+def test_loader_resumes_mid_epoch():
+    lengths = np.arange(1, 301) % 17 + 1
+    pairs = [(np.ones(n, dtype=np.int32), np.ones(n, dtype=np.int32)) for n in lengths]
+    ds = ParallelDataset(TokenArray.from_lists([p[0] for p in pairs]), TokenArray.from_lists([p[1] for p in pairs]))
+
+    def loader():
+        return ResumableDataLoader(ds, batch_sampler=BucketBatchSampler(ds.lengths, 10, seed=5), collate_fn=collate)
+
+    first_run = loader()
+    first_run.batch_sampler.set_epoch(2)
+    full = [b.index.tolist() for b in first_run]
+    it = iter(first_run)
+    seen = [next(it).index.tolist() for _ in range(4)]
+    state = first_run.state_dict()
+    assert state == {"epoch": 2, "batches_done": 4}
+    resumed = loader()
+    resumed.load_state_dict(state)
+    resumed.batch_sampler.set_epoch(2)
+    assert seen + [b.index.tolist() for b in resumed] == full
+
+
+def test_sampler_shards_for_ddp_without_overlap():
+    lengths = np.ones(100, dtype=int)
+    shards = [list(BucketBatchSampler(lengths, 7, seed=1, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1])
+    assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
+
+
+def test_sampler_token_budget():
+    lengths = np.array([10] * 50 + [50] * 50)
+    for b in BucketBatchSampler(lengths, 64, max_tokens=200, shuffle=False):
+        assert len(b) * lengths[b].max() <= 200
+
+
+def test_mismatched_parallel_files_name_both(tmp_path):
+    (tmp_path / "a.src").write_text("x\ny\nz\n")
+    (tmp_path / "a.tgt").write_text("x\ny\n")
+    with pytest.raises(InputError, match=r"a\.src has 3 lines.*a\.tgt has 2 lines"):
+        read_parallel(tmp_path / "a.src", tmp_path / "a.tgt")
+
+
+def test_empty_training_split_is_an_error(tmp_path, toy_tokenizer):
+    (tmp_path / "e.src").write_text("")
+    (tmp_path / "e.tgt").write_text("")
+    with pytest.raises(InputError, match="empty corpus"):
+        ParallelDataset.from_files(tmp_path / "e.src", tmp_path / "e.tgt", toy_tokenizer, toy_tokenizer)
+
+
+def test_training_filter_drops_long_and_empty_pairs(tmp_path, toy_data, toy_tokenizer):
+    src = (toy_data / "train.src").read_text().splitlines()[:50]
+    tgt = (toy_data / "train.tgt").read_text().splitlines()[:50]
+    src[3], tgt[7] = "", " ".join([tgt[7]] * 20)
+    (tmp_path / "f.src").write_text("\n".join(src) + "\n")
+    (tmp_path / "f.tgt").write_text("\n".join(tgt) + "\n")
+    ds = ParallelDataset.from_files(tmp_path / "f.src", tmp_path / "f.tgt", toy_tokenizer, toy_tokenizer, max_len=30)
+    assert len(ds) == 48
+    assert int(torch.tensor(ds.lengths).max()) <= 31

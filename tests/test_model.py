@@ -1,0 +1,149 @@
+"""The model against known truths: nn.LSTM equivalence, teacher forcing, masking, packing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from seq2seq.attention import ATTENTION_TYPES, Memory, build_attention
+from seq2seq.decoder import Bridge, CellStack
+from seq2seq.encoder import Encoder
+from seq2seq.model import ModelConfig, Seq2Seq
+from seq2seq.tokenizer import BOS_ID, PAD_ID
+
+
+def test_cell_stack_looped_over_time_equals_nn_lstm():
+    torch.manual_seed(0)
+    batch, steps, inp, hid, layers = 3, 7, 5, 6, 3
+    lstm = nn.LSTM(inp, hid, num_layers=layers, batch_first=True)
+    stack = CellStack(inp, [hid] * layers, dropout=0.0)
+    with torch.no_grad():
+        for i, cell in enumerate(stack.cells):
+            for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+                getattr(cell, name).copy_(getattr(lstm, f"{name}_l{i}"))
+    x = torch.randn(batch, steps, inp)
+    h0, c0 = torch.randn(layers, batch, hid), torch.randn(layers, batch, hid)
+    expected, (h_n, c_n) = lstm(x, (h0, c0))
+    hidden = tuple((h0[i], c0[i]) for i in range(layers))
+    outputs = []
+    for t in range(steps):
+        hidden = stack(x[:, t], hidden)
+        outputs.append(hidden[-1][0])
+    torch.testing.assert_close(torch.stack(outputs, 1), expected)
+    torch.testing.assert_close(torch.stack([h for h, _ in hidden]), h_n)
+    torch.testing.assert_close(torch.stack([c for _, c in hidden]), c_n)
+
+
+def _batch(vocab: int, lengths: list[int], seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), PAD_ID)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
+    return src, torch.tensor(lengths)
+
+
+@pytest.mark.parametrize("input_feeding", [True, False])
+@pytest.mark.parametrize("attention", ATTENTION_TYPES)
+def test_teacher_forcing_equals_step_by_step(attention, input_feeding):
+    torch.manual_seed(0)
+    # dot attention needs decoder top size == encoder output size (2 * 12)
+    cfg = ModelConfig(src_vocab_size=30, tgt_vocab_size=25, embedding_size=16, encoder_hidden_size=12,
+                      encoder_layers=2, decoder_hidden_sizes=[20, 24], attention=attention, dropout=0.0,
+                      input_feeding=input_feeding)
+    model = Seq2Seq(cfg).eval()
+    src, src_len = _batch(30, [5, 3, 7])
+    tgt_in = torch.randint(4, 25, (3, 6))
+    tgt_in[:, 0] = BOS_ID
+    logits, attn = model(src, src_len, tgt_in)  # (3, 6, 25), (3, 6, 7)
+    memory, state = model.encode(src, src_len)
+    for t in range(tgt_in.size(1)):
+        log_probs, state, weights = model.decode_step(tgt_in[:, t], state, memory)
+        torch.testing.assert_close(log_probs, torch.log_softmax(logits[:, t], -1))
+        torch.testing.assert_close(weights, attn[:, t])
+
+
+@pytest.mark.parametrize("attention", ATTENTION_TYPES)
+def test_attention_is_zero_at_padding_and_sums_to_one(attention):
+    torch.manual_seed(0)
+    att = build_attention(attention, 8, 8, 10)
+    values = torch.randn(3, 5, 8)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    context, weights = att(torch.randn(3, 8), att.project_keys(values), values, mask)
+    assert torch.all(weights[~mask] == 0)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(3))
+    # the context only mixes real positions
+    torch.testing.assert_close(context[2], values[2, 0])
+
+
+def test_cell_stack_over_time_equals_looping_it():
+    torch.manual_seed(0)
+    stack = CellStack(5, [6, 4, 7], dropout=0.0)
+    x = torch.randn(3, 8, 5)
+    hidden = tuple((torch.randn(3, d), torch.randn(3, d)) for d in (6, 4, 7))
+    looped, state = [], hidden
+    for t in range(8):
+        state = stack(x[:, t], state)
+        looped.append(state[-1][0])
+    torch.testing.assert_close(stack.over_time(x, hidden), torch.stack(looped, 1))
+
+
+def test_unknown_attention_names_the_choices():
+    with pytest.raises(ValueError, match="luong_dott.*bahdanau, dot, general"):
+        ModelConfig(src_vocab_size=5, tgt_vocab_size=5, attention="luong_dott")
+
+
+def test_dot_attention_size_mismatch_is_explained():
+    with pytest.raises(ValueError, match="dot attention needs"):
+        build_attention("dot", 10, 12, 10)
+
+
+def test_padding_never_changes_a_sentence_encoding():
+    torch.manual_seed(0)
+    enc = Encoder(30, 8, 6, num_layers=2, bidirectional=True).eval()
+    src, src_len = _batch(30, [4])
+    alone, (h1, c1) = enc(src, src_len)
+    padded = torch.cat([src, torch.full((1, 5), PAD_ID)], 1)
+    other, _ = _batch(30, [9], seed=3)
+    both, (h2, c2) = enc(torch.cat([padded, other]), torch.tensor([4, 9]))
+    torch.testing.assert_close(both[0, :4], alone[0])
+    assert torch.all(both[0, 4:] == 0)
+    torch.testing.assert_close(h2[:, 0], h1[:, 0])
+    torch.testing.assert_close(c2[:, 0], c1[:, 0])
+
+
+@pytest.mark.parametrize("enc_layers,bidirectional,dec_sizes", [
+    (1, True, [7]), (3, True, [7, 9]), (1, False, [5, 6, 7]), (2, False, [4]), (2, True, [3, 3, 3, 3])])
+def test_bridge_handles_any_directions_and_layers(enc_layers, bidirectional, dec_sizes):
+    dirs = 2 if bidirectional else 1
+    bridge = Bridge("dense", 6, enc_layers, dirs, dec_sizes)
+    h_n, c_n = torch.randn(dirs * enc_layers, 4, 6), torch.randn(dirs * enc_layers, 4, 6)
+    states = bridge(h_n, c_n)
+    assert [tuple(h.shape) for h, _ in states] == [(4, d) for d in dec_sizes]
+    assert [tuple(c.shape) for _, c in states] == [(4, d) for d in dec_sizes]
+    # the top decoder layer starts from the top encoder layer (both directions)
+    top = h_n.view(enc_layers, dirs, 4, 6)[-1].permute(1, 0, 2).reshape(4, -1)
+    torch.testing.assert_close(states[-1][0], torch.tanh(bridge.h_proj[-1](top)))
+
+
+def test_tied_embeddings_share_one_matrix():
+    model = Seq2Seq(ModelConfig(src_vocab_size=20, tgt_vocab_size=20, embedding_size=8,
+                                encoder_hidden_size=6, decoder_hidden_sizes=[10], tie_embeddings=True))
+    assert model.decoder.output_layer.weight is model.decoder.embedding.weight
+
+
+def test_memory_and_state_reorder_by_index(tiny_model):
+    src, src_len = _batch(30, [5, 3, 7])
+    memory, state = tiny_model.encode(src, src_len)
+    idx = torch.tensor([2, 0])
+    m2, s2 = memory.index_select(idx), state.index_select(idx)
+    assert isinstance(m2, Memory)
+    torch.testing.assert_close(m2.values, memory.values[idx])
+    torch.testing.assert_close(s2.hidden[1][0], state.hidden[1][0][idx])
+
+
+def test_shared_and_tied_embeddings_are_one_matrix():
+    model = Seq2Seq(ModelConfig(src_vocab_size=20, tgt_vocab_size=20, embedding_size=8, encoder_hidden_size=6,
+                                decoder_hidden_sizes=[10], tie_embeddings=True, share_embeddings=True))
+    w = model.encoder.embedding.weight
+    assert model.decoder.embedding.weight is w and model.decoder.output_layer.weight is w
