@@ -96,6 +96,7 @@ from torch import nn
 
 import seq2seq
 from seq2seq.checkpoint import CheckpointError, load_model
+from seq2seq.cpu import keep_freed_memory
 from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
 from seq2seq.files import InputError, read_lines
 from seq2seq.metrics import corpus_scores
@@ -574,6 +575,8 @@ def child_args(args, job: str) -> list[str]:
             "--memory-train-steps", str(args.memory_train_steps), "--_child", job]
     if args.sentences is not None:
         argv += ["--sentences", str(args.sentences)]
+    if args.no_malloc_tuning:
+        argv.append("--no-malloc-tuning")
     return argv
 
 
@@ -716,6 +719,11 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("memory")
     g.add_argument("--memory-train-steps", type=positive_int, default=10,
                    help="training steps in the memory child (default: %(default)s)")
+    g = p.add_argument_group("ablations (to measure an optimisation against its absence)")
+    g.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc malloc as it is (seq2seq.cpu.keep_freed_memory not called)")
+    g.add_argument("--input-feeding", choices=["checkpoint", "on", "off"], default="checkpoint",
+                   help="train section: override the checkpoint's input feeding (default: as trained)")
     p.add_argument("--_child", choices=["translate", "train"], help=argparse.SUPPRESS)
     return p
 
@@ -737,11 +745,16 @@ def run(args) -> dict:
     if "peak" in args.only:
         report["peak"] = bench_peak(args)
     if "train" in args.only:
-        report["train"] = bench_train(args, info["model_config"], src_tok, tgt_tok, opts, report.get("peak"))
+        model_config = dict(info["model_config"])
+        if args.input_feeding != "checkpoint":
+            model_config["input_feeding"] = args.input_feeding == "on"
+        report["train"] = bench_train(args, model_config, src_tok, tgt_tok, opts, report.get("peak"))
+        report["train"]["input_feeding"] = model_config["input_feeding"]
     if "decode" in args.only:
         report["decode"] = bench_decode(args)
     if "memory" in args.only:
         report["memory"] = bench_memory(args)
+    report["environment"]["malloc_tuned"] = not args.no_malloc_tuning
     report["elapsed_s"] = time.perf_counter() - started
     return report
 
@@ -751,6 +764,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
     if args.warmup < 0 or args.peak_warmup < 0:
         parser().error("--warmup and --peak-warmup must be >= 0")
+    if not args.no_malloc_tuning:
+        keep_freed_memory()
     try:
         if args._child:
             return child_main(args)

@@ -1,17 +1,25 @@
-"""Greedy and beam search over a model's `encode` / `decode_step` interface.
+"""Greedy search, sampling, beam search and forced decoding over a model's
+`encode` / `decode_step` interface.
 
-Both are batched: the beam search is vectorised over batch x beam, and sentences
+All are batched: the beam search is vectorised over batch x beam, and sentences
 that are finished are retired from the batch (their rows dropped from the decoder
-state and memory) instead of being padded forward. Penalties are pure functions.
+state and memory) instead of being padded forward. Anything with that interface
+can be searched: a `Seq2Seq`, or an `Ensemble` of them (ensemble.py). Penalties and
+constraints on the next token (minimum length, no repeated n-grams, top-k/top-p)
+are pure functions.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
-from .tokenizer import BOS_ID, EOS_ID
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID
+
+NORMALISATIONS = ("gnmt", "average", "none")
 
 
 @dataclass
@@ -20,6 +28,48 @@ class Hypothesis:
     score: float                            # what hypotheses are ranked by (normalised)
     log_prob: float                         # sum of token log-probabilities, EOS included
     attention: torch.Tensor | None = None   # (steps, src_len), steps = len(tokens) (+1 with EOS)
+
+
+@dataclass
+class SearchOptions:
+    """How to search; validated on construction, so a bad value fails before any work."""
+
+    beam_size: int = 5
+    nbest: int = 1
+    alpha: float = 0.0           # GNMT length penalty strength
+    normalisation: str = "gnmt"  # gnmt | average | none
+    max_len_a: float = 1.5       # output at most a * source subwords + b
+    max_len_b: int = 10
+    max_output_len: int = 512
+    min_len: int = 0
+    no_repeat_ngram: int = 0     # N > 0: no hypothesis repeats an n-gram of N subwords
+    coverage_penalty: float = 0.0  # GNMT coverage penalty strength beta (beam search)
+    sample: bool = False         # draw each token at random instead of searching
+    temperature: float = 1.0     # sampling: divides the log-probabilities
+    top_k: int = 0               # sampling: only the k most probable tokens (0 = all)
+    top_p: float = 1.0           # sampling: only the smallest set with this much probability
+    seed: int = 0                # sampling: seeds a torch.Generator, never the global RNG
+
+    def __post_init__(self):
+        checks = [
+            (self.beam_size >= 1, f"beam_size must be >= 1, got {self.beam_size}"),
+            (1 <= self.nbest <= self.beam_size,
+             f"nbest must be between 1 and beam_size ({self.beam_size}), got {self.nbest}"),
+            (self.normalisation in NORMALISATIONS, f"Unknown length normalisation {self.normalisation!r}; "
+                                                   f"choose one of: {', '.join(NORMALISATIONS)}"),
+            (self.min_len >= 0, f"min_len must be >= 0, got {self.min_len}"),
+            (self.no_repeat_ngram >= 0, f"no_repeat_ngram must be >= 0 (0 = off), got {self.no_repeat_ngram}"),
+            (self.coverage_penalty >= 0, f"coverage_penalty must be >= 0, got {self.coverage_penalty}"),
+            (self.temperature > 0 and math.isfinite(self.temperature),
+             f"temperature must be a finite number > 0, got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = whole vocabulary), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
+            (not self.sample or self.beam_size == 1,
+             f"sampling draws one translation per sentence: use beam_size 1, got {self.beam_size}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
 
 
 # ---- penalties -------------------------------------------------------------------
@@ -37,7 +87,20 @@ def normalise(log_prob: float, length: int, alpha: float, mode: str = "gnmt") ->
         return log_prob / max(length, 1)
     if mode == "none":
         return log_prob
-    raise ValueError(f"Unknown length normalisation {mode!r}; choose one of: gnmt, average, none")
+    raise ValueError(f"Unknown length normalisation {mode!r}; choose one of: {', '.join(NORMALISATIONS)}")
+
+
+def coverage_penalty(attention: torch.Tensor, beta: float) -> float:
+    """GNMT coverage penalty beta * sum_j log(min(sum_i a_ij, 1)) (Wu et al., 2016).
+
+    attention: (steps, src_len) over real source positions only (no padding). Never
+    positive: source words the output attended to less than once in total cost score.
+    A position never attended to at all is counted as 1e-10, not as log(0).
+    """
+    if beta == 0:
+        return 0.0
+    coverage = attention.float().sum(dim=0).clamp(min=1e-10, max=1.0)  # (src_len,)
+    return beta * float(coverage.log().sum())
 
 
 def max_lengths(src_len: torch.Tensor, a: float, b: int, cap: int) -> torch.Tensor:
@@ -45,17 +108,92 @@ def max_lengths(src_len: torch.Tensor, a: float, b: int, cap: int) -> torch.Tens
     return (src_len.float() * a + b).floor().clamp(1, cap).long()
 
 
-# ---- greedy ---------------------------------------------------------------------
+# ---- constraints on the next token --------------------------------------------------
 
-@torch.inference_mode()
-def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Tensor,
-                  return_attention: bool = False) -> list[list[Hypothesis]]:
-    """Most probable token at each step, for a whole batch.
+def repeated_ngram_mask(seqs: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
+    """Tokens that would repeat an n-gram already in each row.
 
-    Args:
-        src: (batch, src_len) ids; src_len: (batch,); max_len: (batch,) output limits.
-    Returns:
-        one list with a single Hypothesis per sentence, in batch order.
+    seqs: (rows, t) output so far. Returns (rows, vocab) True where appending the
+    token makes the last n tokens an n-gram that occurs earlier in the row.
+    """
+    rows, t = seqs.shape
+    mask = torch.zeros(rows, vocab, dtype=torch.bool, device=seqs.device)  # (rows, vocab)
+    if n < 1 or t < n:
+        return mask
+    grams = seqs.unfold(1, n, 1)                                             # (rows, t-n+1, n)
+    prefix = seqs[:, t - n + 1:]                                             # (rows, n-1)
+    seen = (grams[:, :, :n - 1] == prefix.unsqueeze(1)).all(dim=-1)          # (rows, t-n+1)
+    hits = torch.zeros(rows, vocab, device=seqs.device)                      # (rows, vocab)
+    hits.scatter_add_(1, grams[:, :, n - 1], seen.float())
+    return hits > 0
+
+
+def constrain(log_probs: torch.Tensor, seqs: torch.Tensor, min_len: int, no_repeat_ngram: int
+              ) -> torch.Tensor:
+    """Forbid EOS before `min_len` tokens and tokens that repeat an n-gram (in place).
+
+    log_probs: (rows, vocab) for step t = seqs.size(1); seqs: (rows, t). EOS is never
+    forbidden for repeating an n-gram (it ends the output, it is not part of it), and a
+    row left with no allowed token gets EOS back, so every row can always finish.
+    """
+    t = seqs.size(1)
+    if t >= min_len and no_repeat_ngram == 0:
+        return log_probs
+    eos = log_probs[:, EOS_ID].clone()                                       # (rows,)
+    if no_repeat_ngram:
+        log_probs.masked_fill_(repeated_ngram_mask(seqs, no_repeat_ngram, log_probs.size(-1)), float("-inf"))
+        log_probs[:, EOS_ID] = eos
+    if t < min_len:
+        log_probs[:, EOS_ID] = float("-inf")
+    stuck = torch.isneginf(log_probs).all(dim=-1)                            # (rows,)
+    log_probs[stuck, EOS_ID] = eos[stuck]
+    return log_probs
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the k largest logits of each row, -inf elsewhere; k=0 keeps all. (rows, vocab)."""
+    if k <= 0 or k >= logits.size(-1):
+        return logits
+    kth = logits.topk(k, dim=-1).values[:, -1:]                              # (rows, 1)
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(logits: torch.Tensor, p: float) -> torch.Tensor:
+    """Nucleus filter: keep the most probable tokens until their probability reaches p.
+
+    The top token is always kept. logits: (rows, vocab) -> same shape, -inf where dropped.
+    """
+    if p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)              # (rows, vocab)
+    probs = torch.softmax(sorted_logits, dim=-1)
+    before = probs.cumsum(dim=-1) - probs                                    # mass of better tokens
+    drop_sorted = before >= p                                                # (rows, vocab)
+    drop = torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+# ---- greedy and sampling: one path per sentence -------------------------------------
+
+def argmax_token(log_probs: torch.Tensor) -> torch.Tensor:
+    """(rows, vocab) -> (rows,) the most probable token."""
+    return log_probs.argmax(dim=-1)
+
+
+def sample_token(log_probs: torch.Tensor, *, temperature: float, top_k: int, top_p: float,
+                 generator: torch.Generator) -> torch.Tensor:
+    """(rows, vocab) -> (rows,) a token drawn from softmax(log_probs / temperature), filtered."""
+    logits = top_p_filter(top_k_filter(log_probs / temperature, top_k), top_p)  # (rows, vocab)
+    probs = torch.softmax(logits, dim=-1)                                        # (rows, vocab)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+def _one_path(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Tensor, choose,
+              return_attention: bool, min_len: int, no_repeat_ngram: int) -> list[list[Hypothesis]]:
+    """Decode one hypothesis per sentence, `choose` picking each next token.
+
+    choose: (live, vocab) log-probabilities -> (live,) tokens. A hypothesis' score and
+    log_prob are the model's log-probabilities of the tokens chosen.
     """
     memory, state = model.encode(src, src_len)
     batch, steps = src.size(0), int(max_len.max())
@@ -69,9 +207,11 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torc
     limit = max_len.to(device)
     for t in range(steps):
         log_probs, state, weights = model.decode_step(prev, state, memory)  # (live, vocab)
-        best, token = log_probs.max(dim=-1)                                 # (live,)
+        if t < min_len or no_repeat_ngram:
+            log_probs = constrain(log_probs, out[rows, :t], min_len, no_repeat_ngram)
+        token = choose(log_probs)                                           # (live,)
         out[rows, t] = token
-        scores[rows] += best
+        scores[rows] += log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
         lengths[rows] = t + 1
         if attn is not None:
             attn[rows, t] = weights.float()
@@ -94,6 +234,36 @@ def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torc
     return results
 
 
+@torch.inference_mode()
+def greedy_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Tensor,
+                  return_attention: bool = False, *, min_len: int = 0, no_repeat_ngram: int = 0
+                  ) -> list[list[Hypothesis]]:
+    """Most probable token at each step, for a whole batch.
+
+    Args:
+        src: (batch, src_len) ids; src_len: (batch,); max_len: (batch,) output limits.
+    Returns:
+        one list with a single Hypothesis per sentence, in batch order.
+    """
+    return _one_path(model, src, src_len, max_len, argmax_token, return_attention, min_len, no_repeat_ngram)
+
+
+@torch.inference_mode()
+def sample_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Tensor, *,
+                  generator: torch.Generator, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                  min_len: int = 0, no_repeat_ngram: int = 0, return_attention: bool = False
+                  ) -> list[list[Hypothesis]]:
+    """Each token drawn at random, for a whole batch, like greedy search.
+
+    The draws come from `generator` only, so the same seed, input and batching give
+    the same output. Temperature, top-k and top-p shape the distribution drawn from;
+    the hypothesis' log_prob is still the model's own (temperature 1) log-probability.
+    top_k=1 is greedy search. Shapes as in `greedy_search`.
+    """
+    choose = partial(sample_token, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
+    return _one_path(model, src, src_len, max_len, choose, return_attention, min_len, no_repeat_ngram)
+
+
 # ---- beam -----------------------------------------------------------------------
 
 @torch.inference_mode()
@@ -108,14 +278,19 @@ def beam_search(
     alpha: float = 0.0,
     normalisation: str = "gnmt",
     min_len: int = 0,
+    no_repeat_ngram: int = 0,
+    coverage_beta: float = 0.0,
     return_attention: bool = False,
 ) -> list[list[Hypothesis]]:
     """Beam search, vectorised over batch x beam.
 
     A sentence stops when it has `nbest` finished hypotheses and no live one can
     still beat them: live scores only fall as they grow, so dividing a live score by
-    the largest length penalty it could reach bounds what it can become. With
-    alpha=0 this is exact; beam size 1 is exactly greedy search.
+    the largest length penalty it could reach bounds what it can become (the coverage
+    penalty is never positive, so the bound holds with it). With alpha=0 this is
+    exact; beam size 1 is exactly greedy search.
+
+    A finished hypothesis' score is normalise(log_prob) + coverage_penalty(attention).
 
     Args:
         src: (batch, src_len); src_len: (batch,); max_len: (batch,) output limits.
@@ -139,7 +314,8 @@ def beam_search(
     beam_scores = torch.full((batch, k), float("-inf"), device=device)
     beam_scores[:, 0] = 0.0                                   # (live, k)
     seqs = torch.full((batch * k, 0), BOS_ID, dtype=torch.long, device=device)  # (live*k, t)
-    attn_hist = src.new_zeros(batch * k, 0, src.size(1), dtype=torch.float) if return_attention else None
+    keep_attn = return_attention or coverage_beta > 0
+    attn_hist = src.new_zeros(batch * k, 0, src.size(1), dtype=torch.float) if keep_attn else None
     prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
     finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
     # nbest-th best finished score per sentence (-inf until there are nbest)
@@ -148,8 +324,7 @@ def beam_search(
     for t in range(int(limit.max())):
         log_probs, state, weights = model.decode_step(prev, state, memory)  # (live*k, vocab)
         vocab = log_probs.size(-1)
-        if t < min_len:
-            log_probs[:, EOS_ID] = float("-inf")
+        log_probs = constrain(log_probs, seqs, min_len, no_repeat_ngram)
         live = sent.numel()
         cand = (beam_scores.view(-1, 1) + log_probs).view(live, k * vocab)  # (live, k*vocab)
         top_scores, top_ids = cand.topk(k, dim=1)                            # (live, k)
@@ -166,15 +341,10 @@ def beam_search(
         ends = (token == EOS_ID) | at_limit                                  # (live, k)
         ends &= top_scores > float("-inf")
         for i, j in ends.nonzero().tolist():
-            toks = seqs[i * k + j].tolist()
-            n = len(toks)
-            if toks[-1] == EOS_ID:
-                toks = toks[:-1]
-            raw = float(top_scores[i, j])
             s = int(sent[i])
-            finished[s].append(Hypothesis(
-                toks, normalise(raw, n, alpha, normalisation), raw,
-                attn_hist[i * k + j].cpu() if attn_hist is not None else None))
+            attention = attn_hist[i * k + j, :, :int(src_len[s])].cpu() if attn_hist is not None else None
+            finished[s].append(_finished(seqs[i * k + j].tolist(), float(top_scores[i, j]), attention,
+                                         alpha, normalisation, coverage_beta, return_attention))
             if len(finished[s]) >= nbest:
                 floor[s] = sorted((h.score for h in finished[s]), reverse=True)[nbest - 1]
         top_scores = top_scores.masked_fill(ends, float("-inf"))
@@ -202,8 +372,64 @@ def beam_search(
     return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
 
 
-def search(model, src, src_len, max_len, beam_size: int = 1, **kwargs) -> list[list[Hypothesis]]:
-    """Greedy for beam size 1 with one hypothesis; beam search otherwise."""
-    if beam_size == 1 and kwargs.get("nbest", 1) == 1 and not kwargs.get("min_len"):
-        return greedy_search(model, src, src_len, max_len, kwargs.get("return_attention", False))
-    return beam_search(model, src, src_len, max_len, beam_size, **kwargs)
+def _finished(toks: list[int], log_prob: float, attention: torch.Tensor | None, alpha: float,
+              normalisation: str, coverage_beta: float, return_attention: bool) -> Hypothesis:
+    """A beam that ended: its tokens (EOS dropped), rank score and log-probability.
+
+    attention: (steps, real src_len), needed when coverage_beta > 0.
+    """
+    n = len(toks)
+    if toks and toks[-1] == EOS_ID:
+        toks = toks[:-1]
+    score = normalise(log_prob, n, alpha, normalisation)
+    if coverage_beta > 0:
+        score += coverage_penalty(attention, coverage_beta)
+    return Hypothesis(toks, score, log_prob, attention if return_attention else None)
+
+
+def search(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Tensor, options: SearchOptions,
+           *, generator: torch.Generator | None = None, return_attention: bool = False
+           ) -> list[list[Hypothesis]]:
+    """Sampling if asked; greedy for beam size 1 with one hypothesis; beam search otherwise.
+
+    generator: the source of randomness for sampling (default: one seeded with options.seed).
+    """
+    o = options
+    if o.sample:
+        if generator is None:
+            generator = torch.Generator(device=src.device).manual_seed(o.seed)
+        return sample_search(model, src, src_len, max_len, generator=generator, temperature=o.temperature,
+                             top_k=o.top_k, top_p=o.top_p, min_len=o.min_len,
+                             no_repeat_ngram=o.no_repeat_ngram, return_attention=return_attention)
+    if o.beam_size == 1 and o.nbest == 1 and o.coverage_penalty == 0:
+        return greedy_search(model, src, src_len, max_len, return_attention, min_len=o.min_len,
+                             no_repeat_ngram=o.no_repeat_ngram)
+    return beam_search(model, src, src_len, max_len, o.beam_size, nbest=o.nbest, alpha=o.alpha,
+                       normalisation=o.normalisation, min_len=o.min_len, no_repeat_ngram=o.no_repeat_ngram,
+                       coverage_beta=o.coverage_penalty, return_attention=return_attention)
+
+
+# ---- forced decoding --------------------------------------------------------------
+
+@torch.inference_mode()
+def forced_log_probs(model, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor,
+                     tgt_out: torch.Tensor) -> torch.Tensor:
+    """Teacher forcing through `decode_step`: the log-probability of each given target token.
+
+    The same steps greedy and beam search take, so the forced score of a search's
+    output is that hypothesis' log_prob (and ensembles work unchanged).
+
+    Args:
+        src: (batch, src_len); src_len: (batch,);
+        tgt_in: (batch, tgt_len) BOS + target ids; tgt_out: (batch, tgt_len) target ids + EOS,
+        PAD after the end of each row.
+    Returns:
+        (batch, tgt_len) log-probabilities, 0 at padding; row sums are the totals.
+    """
+    memory, state = model.encode(src, src_len)
+    steps = []
+    for t in range(tgt_in.size(1)):
+        log_probs, state, _ = model.decode_step(tgt_in[:, t], state, memory)  # (batch, vocab)
+        steps.append(log_probs.gather(1, tgt_out[:, t:t + 1]).squeeze(1))      # (batch,)
+    token_log_probs = torch.stack(steps, dim=1)                                # (batch, tgt_len)
+    return token_log_probs.masked_fill(tgt_out == PAD_ID, 0.0)

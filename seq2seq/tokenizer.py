@@ -34,6 +34,13 @@ class Tokenizer:
         ):
             raise ValueError("SentencePiece model must use pad=0, unk=1, bos=2, eos=3")
 
+    def __getstate__(self) -> dict:
+        # the model bytes are the whole tokenizer: enough to pickle it to DDP workers
+        return {"model_bytes": self.model_bytes}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["model_bytes"])
+
     def __len__(self) -> int:
         return self.sp.get_piece_size()
 

@@ -176,6 +176,8 @@ def train(cfg: DictConfig) -> dict:
         # the slim model: weights + tokenizer + config, no optimizer state
         ckpt = read_checkpoint(best_path)
         info = ckpt["seq2seq"]
+        # from the checkpoint itself: with ddp_spawn the callback's score stays in the workers
+        summary["best_val_bleu"] = info["meta"].get("best_val", {}).get("bleu", summary["best_val_bleu"])
         model_pt = save_model(run_dir / "model.pt", module.model, src_tok, tgt_tok, info["config"],
                               info["meta"], state_dict=ckpt["state_dict"])
         summary["model"] = str(model_pt)

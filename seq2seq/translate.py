@@ -1,8 +1,9 @@
 """Text in, text out: the Python API over a checkpoint.
 
     from seq2seq import Translator
-    translator = Translator.from_checkpoint("best.ckpt")
+    translator = Translator.from_checkpoint("best.ckpt")   # or a list of paths: an ensemble
     translator.translate(["Ein Hund rennt."], beam_size=5)
+    translator.score(["Ein Hund rennt."], ["A dog runs."])  # forced decoding
 
 Policies (the README's "What happens when..." lists them too):
 - an empty or whitespace-only line gives an empty output line; the model never sees it;
@@ -21,12 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_model
 from .cpu import keep_freed_memory
 from .data import collate
+from .ensemble import Ensemble, load_models
 from .model import Seq2Seq
-from .search import Hypothesis, max_lengths, search
+from .search import Hypothesis, SearchOptions, forced_log_probs, max_lengths, normalise, search
 from .tokenizer import Tokenizer
+
+__all__ = ["ForcedScore", "SearchOptions", "Translation", "Translator"]
 
 log = logging.getLogger(__name__)
 _EMPTY = np.zeros(0, dtype=np.int64)  # no target side when translating
@@ -43,19 +46,22 @@ class Translation:
 
 
 @dataclass
-class SearchOptions:
-    beam_size: int = 5
-    nbest: int = 1
-    alpha: float = 0.0           # GNMT length penalty strength
-    normalisation: str = "gnmt"  # gnmt | average | none
-    max_len_a: float = 1.5       # output at most a * source subwords + b
-    max_len_b: int = 10
-    max_output_len: int = 512
-    min_len: int = 0
+class ForcedScore:
+    """How probable the model finds a given target (teacher forcing)."""
+
+    log_prob: float               # total log-probability, EOS included
+    token_log_probs: list[float]  # one per target subword, then EOS
+    pieces: list[str]             # target subwords, then "</s>"
+    score: float                  # log_prob normalised as beams are ranked (--alpha, --normalisation)
+
+    @property
+    def mean_log_prob(self) -> float:
+        """log_prob per token (EOS included): the length-normalised score."""
+        return self.log_prob / len(self.token_log_probs)
 
 
 class Translator:
-    def __init__(self, model: Seq2Seq, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer,
+    def __init__(self, model: Seq2Seq | Ensemble, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer,
                  info: dict | None = None, *, device: str | torch.device = "cpu",
                  max_source_len: int = 250):
         keep_freed_memory()
@@ -66,9 +72,18 @@ class Translator:
         self.max_source_len = max_source_len
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str = "cpu", **kwargs) -> Translator:
-        model, src_tok, tgt_tok, info = load_model(path)
-        return cls(model, src_tok, tgt_tok, info, device=device, **kwargs)
+    def from_checkpoint(cls, path: str | Path | Sequence[str | Path], device: str = "cpu",
+                        max_source_len: int = 250) -> Translator:
+        """A checkpoint, or a list of them: an ensemble averaging their log-probabilities."""
+        paths = [path] if isinstance(path, (str, Path)) else list(path)
+        model, src_tok, tgt_tok, info = load_models(paths)
+        return cls(model, src_tok, tgt_tok, info, device=device, max_source_len=max_source_len)
+
+    from_checkpoints = from_checkpoint
+
+    def sampling_generator(self, seed: int) -> torch.Generator:
+        """The one source of randomness for sampling: seeded, on the model's device."""
+        return torch.Generator(device=self.device).manual_seed(seed)
 
     def _encode_sources(self, lines: Sequence[str], line_numbers: Sequence[int]) -> list[list[int]]:
         ids = self.src_tokenizer.encode(lines)
@@ -81,12 +96,17 @@ class Translator:
 
     def translate_hypotheses(self, lines: Sequence[str], options: SearchOptions | None = None,
                              *, batch_size: int = 64, return_attention: bool = False,
-                             first_line: int = 1) -> list[list[Translation]]:
+                             first_line: int = 1, generator: torch.Generator | None = None
+                             ) -> list[list[Translation]]:
         """Up to `options.nbest` translations per line, in input order.
 
         `first_line` is the 1-based number of lines[0] in the user's file, for warnings.
+        `generator` draws the samples when `options.sample` (default: seeded with
+        options.seed); pass the same one to successive calls to continue one stream.
         """
         opts = options or SearchOptions()
+        if opts.sample and generator is None:
+            generator = self.sampling_generator(opts.seed)
         results: list[list[Translation]] = [[Translation("", 0.0, 0.0, [])] for _ in lines]
         todo = [i for i, line in enumerate(lines) if line.strip()]
         if not todo:
@@ -99,8 +119,7 @@ class Translator:
             batch = collate([(j, np.asarray(ids[j], dtype=np.int64), _EMPTY) for j in chunk])
             src, src_len = batch.src.to(self.device), batch.src_len.to(self.device)
             limits = max_lengths(src_len, opts.max_len_a, opts.max_len_b, opts.max_output_len)
-            hyps = search(self.model, src, src_len, limits, opts.beam_size, nbest=opts.nbest,
-                          alpha=opts.alpha, normalisation=opts.normalisation, min_len=opts.min_len,
+            hyps = search(self.model, src, src_len, limits, opts, generator=generator,
                           return_attention=return_attention)
             for pos, (j, sentence_hyps) in enumerate(zip(chunk, hyps)):
                 n_src = int(batch.src_len[pos])
@@ -118,10 +137,46 @@ class Translator:
         return t
 
     def translate(self, lines: Sequence[str] | str, beam_size: int = 5, *, batch_size: int = 64,
-                  **options) -> list[str] | str:
-        """Best translation of each line (or of one string)."""
+                  options: SearchOptions | None = None) -> list[str] | str:
+        """Best translation of each line (or of one string); `options` overrides beam_size."""
         single = isinstance(lines, str)
         batch = [lines] if single else list(lines)
-        opts = SearchOptions(beam_size=beam_size, **options)
+        opts = options or SearchOptions(beam_size=beam_size)
         out = [hyps[0].text for hyps in self.translate_hypotheses(batch, opts, batch_size=batch_size)]
         return out[0] if single else out
+
+    def score(self, sources: Sequence[str], targets: Sequence[str], options: SearchOptions | None = None,
+              *, batch_size: int = 64, first_line: int = 1) -> list[ForcedScore | None]:
+        """Force-decode each target given its source: its log-probability under the model.
+
+        None where the source is empty or whitespace (the model never sees it, as when
+        translating); an empty target is scored as EOS alone. Sources are cropped like
+        `translate_hypotheses` crops them. `options` gives alpha/normalisation for `score`.
+        """
+        if len(sources) != len(targets):
+            raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        opts = options or SearchOptions()
+        results: list[ForcedScore | None] = [None] * len(sources)
+        todo = [i for i, line in enumerate(sources) if line.strip()]
+        if not todo:
+            return results
+        src_ids = self._encode_sources([sources[i].strip() for i in todo], [first_line + i for i in todo])
+        tgt_ids = self.tgt_tokenizer.encode([targets[i].strip() for i in todo])
+        order = sorted(range(len(todo)), key=lambda j: -len(src_ids[j]))
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            batch = collate([(j, np.asarray(src_ids[j], dtype=np.int64), np.asarray(tgt_ids[j], dtype=np.int64))
+                             for j in chunk])
+            token_lp = forced_log_probs(self.model, batch.src.to(self.device), batch.src_len.to(self.device),
+                                        batch.tgt_in.to(self.device), batch.tgt_out.to(self.device))
+            token_lp = token_lp.cpu()                                  # (chunk, tgt_len), 0 at padding
+            for pos, j in enumerate(chunk):
+                results[todo[j]] = self._to_forced_score(tgt_ids[j], token_lp[pos], opts)
+        return results
+
+    def _to_forced_score(self, tgt_ids: list[int], token_lp: torch.Tensor, opts: SearchOptions) -> ForcedScore:
+        """token_lp: (tgt_len,) one row of `forced_log_probs`, padded past this target's EOS."""
+        n = len(tgt_ids) + 1                                           # EOS included
+        total = float(token_lp[:n].sum())
+        pieces = self.tgt_tokenizer.id_to_piece(tgt_ids) + ["</s>"]
+        return ForcedScore(total, token_lp[:n].tolist(), pieces, normalise(total, n, opts.alpha, opts.normalisation))

@@ -114,3 +114,14 @@ def test_saving_is_atomic(small_checkpoint, tmp_path, monkeypatch):
         save_model(target, model, tok, tok)
     assert target.read_bytes() == path.read_bytes()  # the old file is intact
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temporary left behind
+
+
+def test_separate_vocabularies_travel_in_the_checkpoint(toy_data, tmp_path):
+    src_tok = train_tokenizer([toy_data / "train.src"], 60, model_type="word")
+    tgt_tok = train_tokenizer([toy_data / "train.tgt"], 60, model_type="word")
+    model = Seq2Seq(ModelConfig(src_vocab_size=len(src_tok), tgt_vocab_size=len(tgt_tok), embedding_size=8,
+                                encoder_hidden_size=8, decoder_hidden_sizes=[12]))
+    save_model(tmp_path / "sep.pt", model, src_tok, tgt_tok)
+    _, src2, tgt2, info = load_model(tmp_path / "sep.pt")
+    assert info["tokenizer"]["joint"] is False
+    assert src2 == src_tok and tgt2 == tgt_tok and src2 != tgt2

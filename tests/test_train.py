@@ -86,3 +86,71 @@ def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy
     assert straight["global_step"] == resumed["global_step"] == 50
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
+
+
+def test_nan_loss_stops_training_naming_the_step(toy_data):
+    import torch
+
+    from seq2seq.data import collate
+    from seq2seq.module import TranslationModule
+
+    module = TranslationModule({"src_vocab_size": 20, "tgt_vocab_size": 20, "embedding_size": 8,
+                                "encoder_hidden_size": 8, "decoder_hidden_sizes": [8]})
+    with torch.no_grad():
+        module.model.decoder.output_layer.bias.fill_(float("nan"))
+    batch = collate([(0, torch.tensor([5, 6]).numpy(), torch.tensor([7]).numpy())])
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 0"):
+        module.training_step(batch, 0)
+
+
+def test_ddp_spawn_on_two_cpu_processes_gathers_validation_over_all_ranks(tmp_path, toy_data):
+    """Two CPU processes (gloo): each decodes half the validation set; BLEU covers all of it."""
+    import json
+
+    run_dir = tmp_path / "ddp"
+    proc = run_cli(["seq2seq-train", "experiment=toy", f"data.dir={toy_data}", "model.embedding_size=16",
+                    "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[32]", "trainer.max_epochs=2",
+                    "trainer.accelerator=cpu", "trainer.devices=2", "trainer.strategy=ddp_spawn",
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["best_val_bleu"] is not None
+    # each rank took half the batches of an epoch: 6000 pairs / 64 = 94 batches -> 47 steps per epoch
+    import torch
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 2 * 47
+    assert results["test"]["beam1"]["n_sentences"] == 300
+
+
+def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path, toy_data):
+    """kill -9 during training; the same command continues from checkpoints/last.ckpt."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    import torch
+
+    from .conftest import console
+
+    run_dir = tmp_path / "killed"
+    cmd = [console("seq2seq-train"), "experiment=toy", f"data.dir={toy_data}", "model.embedding_size=16",
+           "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[24]", "trainer.max_epochs=1",
+           "train.checkpoint_every_n_steps=10", f"hydra.run.dir={run_dir}"]
+    last = run_dir / "checkpoints" / "last.ckpt"
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not last.exists() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.2)
+        assert last.exists(), "no checkpoint was written before the deadline"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    killed_at = torch.load(last, weights_only=True)["global_step"]
+    assert 0 < killed_at < 94  # mid-epoch: an epoch has 94 batches
+    done = run_cli(["seq2seq-train", *cmd[1:]], cwd=tmp_path)
+    assert done.returncode == 0, done.stderr.decode()[-3000:]
+    assert b"resuming from" in done.stdout + done.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["steps"] == 94  # the epoch was finished, not restarted

@@ -1,0 +1,160 @@
+"""The model card: what a checkpoint is, read from the checkpoint alone.
+
+`model_card(path)` returns plain data (architecture, size, languages, data, tokenizer,
+best validation score with its sacreBLEU signature, training time, versions);
+`format_card(card)` lays it out for a terminal.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .checkpoint import load_model
+
+# SentencePiece's TrainerSpec.ModelType enum; absent means the proto default, unigram
+_SPM_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _proto_fields(data: bytes):
+    """(field number, value) of each top-level field of a serialized protobuf message."""
+    pos = 0
+    while pos < len(data):
+        key, pos = _varint(data, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(data, pos)
+        elif wire == 2:
+            size, pos = _varint(data, pos)
+            value, pos = data[pos:pos + size], pos + size
+        elif wire in (1, 5):
+            size = 8 if wire == 1 else 4
+            value, pos = data[pos:pos + size], pos + size
+        else:
+            raise ValueError(f"unsupported protobuf wire type {wire}")
+        yield number, value
+
+
+def sentencepiece_model_type(model_bytes: bytes) -> str:
+    """unigram, bpe, word or char, read from the model itself.
+
+    The model bytes are what the checkpoint tokenizes with (the run config may be
+    missing or edited), and a dozen lines of protobuf reading spare a dependency on the
+    protobuf package: ModelProto field 2 is the TrainerSpec, whose field 3 is the type.
+    """
+    try:
+        for number, value in _proto_fields(model_bytes):
+            if number == 2:
+                for inner, kind in _proto_fields(value):
+                    if inner == 3:
+                        return _SPM_MODEL_TYPES.get(kind, f"type {kind}")
+                return "unigram"
+    except (IndexError, ValueError):
+        pass
+    return "unknown"
+
+
+def architecture_summary(cfg: dict) -> str:
+    """One line a reader can compare across models."""
+    directions = "bidirectional" if cfg["bidirectional"] else "unidirectional"
+    sizes = "/".join(str(s) for s in cfg["decoder_hidden_sizes"])
+    parts = [
+        f"encoder {cfg['encoder_layers']}-layer {directions} LSTM {cfg['encoder_hidden_size']}",
+        f"decoder {len(cfg['decoder_hidden_sizes'])}-layer LSTMCell {sizes}"
+        + (" with input feeding" if cfg["input_feeding"] else ""),
+        f"{cfg['attention']} attention" + (f" {cfg['attention_size']}" if cfg.get("attention_size") else ""),
+        f"{cfg['bridge']} bridge",
+        f"embeddings {cfg['embedding_size']}"
+        + (" shared" if cfg.get("share_embeddings") else "") + (" tied" if cfg.get("tie_embeddings") else ""),
+        f"dropout {cfg['dropout']}",
+    ]
+    return ", ".join(parts)
+
+
+def model_card(path: str | Path) -> dict:
+    """Everything worth knowing about a checkpoint, as plain JSON-ready data.
+
+    Raises CheckpointError ("not a valid seq2seq checkpoint: ...") for a bad file; the
+    model is fully loaded, so a card exists only for a checkpoint that would translate.
+    """
+    model, src_tok, tgt_tok, info = load_model(path)
+    meta = info.get("meta", {})
+    joint = bool(info["tokenizer"]["joint"])
+    best = meta.get("best_val")
+    return {
+        "checkpoint": str(path),
+        "format_version": info["format_version"],
+        "architecture": architecture_summary(info["model_config"]),
+        "model_config": dict(info["model_config"]),
+        "parameters": model.num_parameters(),
+        "src_lang": meta.get("src_lang"),
+        "tgt_lang": meta.get("tgt_lang"),
+        "data": meta.get("data"),
+        "train_files": meta.get("train_files"),
+        "tokenizer": {
+            "type": sentencepiece_model_type(src_tok.model_bytes),
+            "joint": joint,
+            "src_vocab_size": len(src_tok),
+            "tgt_vocab_size": len(tgt_tok),
+        },
+        "best_val": dict(best) if best else None,
+        "epoch": meta.get("epoch"),
+        "global_step": meta.get("global_step"),
+        "train_seconds": meta.get("train_seconds"),
+        "averaged_from": meta.get("averaged_from"),
+        "versions": {"seq2seq": meta.get("seq2seq_version"), "torch": meta.get("torch_version"),
+                     "lightning": meta.get("lightning_version")},
+    }
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {secs:02d} s"
+
+
+def _tokenizer_line(tok: dict) -> str:
+    if tok["joint"]:
+        return f"SentencePiece {tok['type']}, joint vocabulary of {tok['src_vocab_size']}"
+    return (f"SentencePiece {tok['type']}, separate vocabularies: source {tok['src_vocab_size']}, "
+            f"target {tok['tgt_vocab_size']}")
+
+
+def _best_line(best: dict | None, averaged_from: list | None) -> str:
+    if averaged_from:
+        return f"none (an average of {len(averaged_from)} checkpoints; evaluate it to score it)"
+    if not best:
+        return "none recorded"
+    return (f"BLEU {best['bleu']:.2f}, chrF {best.get('chrf', float('nan')):.2f} at epoch {best.get('epoch')}, "
+            f"step {best.get('step')}\n{'':17}{best.get('bleu_signature', '')}")
+
+
+def format_card(card: dict) -> str:
+    """The card as aligned `label  value` lines."""
+    v = card["versions"]
+    rows = [
+        ("checkpoint", f"{card['checkpoint']} (format version {card['format_version']})"),
+        ("architecture", card["architecture"]),
+        ("parameters", f"{card['parameters']:,}"),
+        ("languages", f"{card['src_lang'] or '?'} -> {card['tgt_lang'] or '?'}"),
+        ("training data", f"{card['data'] or '?'}: {', '.join(card['train_files'] or []) or '?'}"),
+        ("tokenizer", _tokenizer_line(card["tokenizer"])),
+        ("best validation", _best_line(card["best_val"], card["averaged_from"])),
+        ("trained", f"{_duration(card['train_seconds'])}; saved at epoch {card['epoch']}, step {card['global_step']}"
+         if card["epoch"] is not None else _duration(card["train_seconds"])),
+        ("versions", f"seq2seq {v['seq2seq'] or '?'}, torch {v['torch'] or '?'}, lightning {v['lightning'] or '?'}"),
+    ]
+    if card["averaged_from"]:
+        rows.append(("averaged from", ", ".join(card["averaged_from"])))
+    return "\n".join(f"{label:<16} {value}" for label, value in rows)

@@ -1,0 +1,236 @@
+"""The tools around a model: checkpoint averaging, the model card, training curves,
+attention pictures, and translate's progress bar."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import shutil
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import lightning
+import pytest
+import torch
+from matplotlib.image import imread
+
+import seq2seq
+from seq2seq.average import average
+from seq2seq.checkpoint import read_checkpoint, save_model
+from seq2seq.cli import average_main, info_main, plot_training_main
+from seq2seq.info import model_card
+from seq2seq.model import ModelConfig, Seq2Seq
+from seq2seq.plot import plot_training
+from seq2seq.tokenizer import train_tokenizer
+from seq2seq.translate import Translator
+
+from .conftest import console, run_cli
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def untrained(toy_data, tmp_path_factory) -> dict[str, Path]:
+    """Small untrained checkpoints: a and b share a config, c has another hidden size."""
+    tok = train_tokenizer([toy_data / "train.src", toy_data / "train.tgt"], 100, model_type="word")
+    d = tmp_path_factory.mktemp("untrained")
+    paths = {}
+    for name, seed, hidden in (("a", 0, 8), ("b", 1, 8), ("c", 0, 10)):
+        torch.manual_seed(seed)
+        model = Seq2Seq(ModelConfig(src_vocab_size=len(tok), tgt_vocab_size=len(tok), embedding_size=8,
+                                    encoder_hidden_size=hidden, decoder_hidden_sizes=[12], dropout=0.0))
+        paths[name] = save_model(d / f"{name}.pt", model, tok, tok, config={"seed": seed},
+                                 meta={"src_lang": "src", "tgt_lang": "tgt", "global_step": seed,
+                                       "best_val": {"bleu": 1.0}})
+    return paths
+
+
+# ---- averaging ---------------------------------------------------------------------
+
+def test_averaging_a_checkpoint_with_itself_changes_nothing(untrained, tmp_path):
+    out = average([untrained["a"], untrained["a"], untrained["a"]], tmp_path / "avg.pt")
+    original, averaged = _weights(untrained["a"]), _weights(out)
+    assert original.keys() == averaged.keys()
+    for k in original:
+        assert torch.equal(original[k], averaged[k]), k  # bit for bit, not just close
+
+
+def test_average_of_two_checkpoints_is_their_mean_and_translates(untrained, toy_data, tmp_path):
+    out = average([untrained["a"], untrained["b"]], tmp_path / "avg.pt")
+    a, b, avg = _weights(untrained["a"]), _weights(untrained["b"]), _weights(out)
+    for k in a:
+        assert avg[k].dtype == a[k].dtype
+        assert torch.allclose(avg[k], (a[k] + b[k]) / 2, rtol=1e-6, atol=1e-7), k
+    assert any(not torch.equal(avg[k], a[k]) for k in a)
+    meta = read_checkpoint(out)["seq2seq"]["meta"]
+    assert meta["averaged_from"] == [str(untrained["a"]), str(untrained["b"])]
+    assert "best_val" not in meta  # a score of one input does not describe the average
+    lines = (toy_data / "test.src").read_text().splitlines()[:3]
+    translations = Translator.from_checkpoint(out).translate(lines, beam_size=2)
+    assert len(translations) == 3 and all(isinstance(t, str) for t in translations)
+
+
+def test_average_last_n_takes_the_newest_files_of_a_run(untrained, tmp_path):
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    # oldest is b: left out of --last 2, so the average of two copies of a is a itself
+    for age, (name, src) in enumerate([("old.ckpt", "b"), ("mid.ckpt", "a"), ("new.ckpt", "a")]):
+        shutil.copy(untrained[src], ckpts / name)
+        os.utime(ckpts / name, (1_000_000 + age * 100, 1_000_000 + age * 100))
+    out = tmp_path / "avg.pt"
+    assert average_main(["--output", str(out), "--last", "2", str(tmp_path / "run"), "-q"]) == 0
+    a, avg = _weights(untrained["a"]), _weights(out)
+    assert all(torch.equal(a[k], avg[k]) for k in a)
+    assert read_checkpoint(out)["seq2seq"]["meta"]["averaged_from"] == [str(ckpts / "mid.ckpt"),
+                                                                        str(ckpts / "new.ckpt")]
+    assert average_main(["--output", str(out), "--last", "4", str(tmp_path / "run")]) == 2
+
+
+def test_average_refuses_different_models_naming_both_files(untrained, tmp_path, capsys):
+    out = tmp_path / "avg.pt"
+    assert average_main(["-o", str(out), str(untrained["a"]), str(untrained["c"])]) == 2
+    err = capsys.readouterr().err
+    assert str(untrained["a"]) in err and str(untrained["c"]) in err
+    assert "encoder_hidden_size: 8 vs 10" in err
+    assert not out.exists()
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    assert average_main(["-o", str(out), str(untrained["a"]), str(garbage)]) == 2
+    assert f"not a valid seq2seq checkpoint: {garbage}" in capsys.readouterr().err
+
+
+# ---- model card ----------------------------------------------------------------------
+
+def test_model_card_of_the_toy_model(toy_run):
+    card = model_card(toy_run["model"])
+    results = toy_run["results"]
+    run_config = read_checkpoint(toy_run["model"])["seq2seq"]["config"]
+    assert card["parameters"] == results["parameters"]
+    assert (card["src_lang"], card["tgt_lang"], card["data"]) == ("src", "tgt", "toy")
+    assert card["train_files"][0].endswith("train.src")
+    assert card["tokenizer"]["type"] == run_config["tokenizer"]["model_type"]
+    assert card["tokenizer"]["joint"] is run_config["tokenizer"]["joint"]
+    assert card["tokenizer"]["src_vocab_size"] == card["model_config"]["src_vocab_size"]
+    assert card["best_val"]["bleu"] == pytest.approx(results["best_val_bleu"], rel=1e-5)
+    assert card["best_val"]["bleu_signature"].startswith("nrefs:1|")
+    assert card["train_seconds"] > 0 and card["format_version"] == 1
+    assert card["versions"] == {"seq2seq": seq2seq.__version__, "torch": str(torch.__version__),
+                                "lightning": lightning.__version__}
+    assert f"{run_config['model']['encoder_hidden_size']}" in card["architecture"]
+
+    as_json = run_cli(["seq2seq-info", str(toy_run["model"]), "--json"])
+    assert as_json.returncode == 0, as_json.stderr.decode()
+    assert json.loads(as_json.stdout) == json.loads(json.dumps(card))
+    text = run_cli(["seq2seq-info", str(toy_run["model"])]).stdout.decode()
+    assert f"{card['parameters']:,}" in text and card["best_val"]["bleu_signature"] in text
+
+
+def test_model_card_of_a_bad_file_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"\x00" * 100)
+    assert info_main([str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: not a valid seq2seq checkpoint: {bad}") and "Traceback" not in err
+
+
+# ---- training curves -------------------------------------------------------------------
+
+def test_training_curves_png_from_a_run(toy_run, tmp_path):
+    run = tmp_path / "run"
+    (run / "logs").mkdir(parents=True)
+    shutil.copy(toy_run["dir"] / "logs" / "metrics.csv", run / "logs" / "metrics.csv")
+    # the script is the documented entry point: run it as a user would
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "plot_training.py"), str(run)],
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    png = run / "training.png"
+    assert proc.stdout.decode().strip() == str(png)
+    assert png.read_bytes()[:8] == PNG_MAGIC and imread(png).shape[0] > 300
+    chosen = plot_training(run, tmp_path / "curves.png")
+    assert chosen.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_training_curves_without_metrics_is_a_clear_error(tmp_path, capsys):
+    assert plot_training_main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"no training log at {tmp_path / 'logs' / 'metrics.csv'}" in err
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "metrics.csv").write_text("epoch,step\n")
+    assert plot_training_main([str(tmp_path)]) == 2
+    assert "has no loss or validation values" in capsys.readouterr().err
+
+
+# ---- attention pictures --------------------------------------------------------------
+
+def test_attention_plot_one_png_per_nonblank_input_line(toy_run, tmp_path):
+    lines = (toy_run["data"] / "test.src").read_text().splitlines()[:50]
+    short, long = min(lines, key=len), max(lines, key=len)
+    (tmp_path / "in.txt").write_text(f"{short}\n\n{long}\n   \n")
+    out_dir = tmp_path / "attention"
+    proc = run_cli(["seq2seq-translate", "-c", str(toy_run["model"]), "--input", str(tmp_path / "in.txt"),
+                    "--attention-plot", str(out_dir), "--beam-size", "3"])
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert len(proc.stdout.decode().splitlines()) == 4
+    # numbered by input line: the blank lines 2 and 4 get no picture and shift nothing
+    assert sorted(p.name for p in out_dir.iterdir()) == ["0001.png", "0003.png"]
+    pictures = {}
+    for name in ("0001.png", "0003.png"):
+        assert (out_dir / name).read_bytes()[:8] == PNG_MAGIC
+        pictures[name] = imread(out_dir / name)  # (height, width, channels): decodes as a PNG
+    assert pictures["0003.png"].shape[1] > pictures["0001.png"].shape[1]  # sized to the sentence
+
+
+# ---- progress bar ----------------------------------------------------------------------
+
+BAR_MARKS = ("\r", "lines/s", "|", "%")
+
+
+def _translate_file(toy_run, tmp_path, n: int) -> Path:
+    lines = (toy_run["data"] / "test.src").read_text().splitlines()[:n]
+    path = tmp_path / "in.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(toy_run, tmp_path):
+    src = _translate_file(toy_run, tmp_path, 40)
+    proc = run_cli(["seq2seq-translate", "-c", str(toy_run["model"]), "--input", str(src),
+                    "--chunk-size", "10", "--beam-size", "1"])
+    assert proc.returncode == 0
+    err = proc.stderr.decode()
+    assert "translated 40 lines" in err
+    assert not any(mark in err for mark in BAR_MARKS), err
+
+
+def test_progress_bar_on_a_terminal(toy_run, tmp_path):
+    src = _translate_file(toy_run, tmp_path, 40)
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a real terminal's size
+    proc = subprocess.Popen([console("seq2seq-translate"), "-c", str(toy_run["model"]), "--input", str(src),
+                             "--chunk-size", "10", "--beam-size", "1"],
+                            stdout=subprocess.PIPE, stderr=slave, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    os.close(slave)
+    seen = b""
+    while True:  # drain the terminal while the process writes, until it closes
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        seen += data
+    os.close(master)
+    stdout = proc.stdout.read()
+    assert proc.wait(timeout=300) == 0
+    assert len(stdout.decode().splitlines()) == 40
+    assert "40/40" in seen.decode() and "lines/s" in seen.decode()
