@@ -36,6 +36,9 @@ if [[ "$schedule" == quick ]]; then
     echo ">>> The full recipe: bash scripts/multi30k.sh --full ${direction}" >&2
 fi
 run_dir="runs/${experiment}"
+for arg in "$@"; do  # a hydra.run.dir=... override of the user's wins, here too
+    if [[ "$arg" == hydra.run.dir=* ]]; then run_dir="${arg#hydra.run.dir=}"; fi
+done
 seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}" "$@"
 
 echo ">>> A few test sentences (${src} -> ${tgt}), beam 5:" >&2
