@@ -14,4 +14,27 @@ if ! python -c "import torch" 2>/dev/null; then
         || python -m pip install --quiet "torch>=2.10" --index-url https://download.pytorch.org/whl/cpu
 fi
 python -m pip install --quiet -e ".[${extras}]"
+# tests/test_browser.py drives Debian's chromium through Playwright (Playwright's own
+# browser download is never used). Install it where we can; elsewhere say how, and in
+# CI stop here rather than let the browser test fail later for want of a package.
+if [[ ",${extras}," == *",test,"* ]] && [ ! -x /usr/bin/chromium ]; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
+        echo "installing Debian's chromium for the browser test (apt-get install chromium)" >&2
+        apt_log="$(mktemp)"
+        export DEBIAN_FRONTEND=noninteractive
+        # try with the package lists as they are; a fresh machine has none: update, retry
+        apt-get install -y -qq chromium >"$apt_log" 2>&1 \
+            || { apt-get update -qq >>"$apt_log" 2>&1 && apt-get install -y -qq chromium >>"$apt_log" 2>&1; } \
+            || tail -n 5 "$apt_log" >&2
+        rm -f "$apt_log"
+    fi
+    if [ ! -x /usr/bin/chromium ]; then
+        message="/usr/bin/chromium is missing, so tests/test_browser.py will fail; install Debian's chromium as root: apt-get install -y chromium"
+        if [ -n "${CI:-}" ]; then
+            echo "error: ${message}" >&2
+            exit 1
+        fi
+        echo "warning: ${message}" >&2
+    fi
+fi
 python -c "import torch, seq2seq; print(f'seq2seq ready: torch {torch.__version__}', flush=True)"

@@ -1,0 +1,247 @@
+#!/usr/bin/env python
+"""Load test of a running seq2seq-serve: throughput and latency under concurrent clients,
+against offline batch translation with the same checkpoint and settings.
+
+    seq2seq-serve --checkpoint runs/multi30k-en-de/model.pt &
+    python scripts/load_test.py --clients 32 --duration 60 > load.json
+
+Two phases, one after the other, so they never compete for the CPU:
+
+1. offline: `Translator.translate_hypotheses` in this process over the first
+   --offline-sentences lines of --sentences, with the server's checkpoint (from its
+   /info, or --checkpoint), the same beam size and the server's batch size
+   (max_batch_sentences), after a short warm-up. The server sits idle meanwhile.
+2. load: --clients concurrent clients (asyncio + httpx), each sending one sentence per
+   request, cycling through --sentences, until --duration seconds have passed or
+   --max-requests requests have been sent, after one warm-up request. Each request's
+   latency is measured from send to the end of its answer.
+
+Only a server on this machine (loopback: 127.0.0.0/8, ::1, localhost) is accepted:
+this is a way to measure our own service, not a tool to point at other people's.
+
+Output: a short table on stderr, and as the last line of stdout one JSON object:
+
+    schema             "seq2seq-load-test/1"
+    url, clients, beam_size, duration_s (asked), max_requests, sentences_file
+    server             the server's limits and batching (/info "service")
+    load               {requests, sentences, errors, errors_by_kind ({"HTTP 408": 3,
+                       "ReadTimeout": 1, ...}), seconds (wall time of the load phase),
+                       sentences_per_s (answered sentences / seconds), latency_ms
+                       {p50, p95, p99, mean, max} over answered requests}
+    offline            {checkpoint, sentences, batch_size, seconds, sentences_per_s},
+                       or null with --offline-sentences 0
+    served_over_offline  load.sentences_per_s / offline.sentences_per_s (null without offline)
+
+Exit codes: 0 after a run (errors are counted, not fatal), 2 for a bad argument, a
+non-loopback URL, a missing sentences file or a server that does not answer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import itertools
+import json
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+
+DEFAULT_SENTENCES = Path(__file__).resolve().parents[1] / "data" / "multi30k" / "test2016.en"
+
+
+class LoadTestError(Exception):
+    """A reason not to run: reported as one line, exit code 2."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the running seq2seq-serve (loopback only)")
+    p.add_argument("--checkpoint", help="checkpoint for the offline baseline (default: the server's, from /info)")
+    p.add_argument("--clients", type=int, default=32, help="concurrent clients (default: 32)")
+    p.add_argument("--duration", type=float, default=60.0, help="seconds of load at most (default: 60)")
+    p.add_argument("--max-requests", type=int, default=100_000, help="requests at most (default: 100000)")
+    p.add_argument("--beam-size", type=int, default=5, help="beam size of every request and of the baseline")
+    p.add_argument("--sentences", type=Path, default=DEFAULT_SENTENCES,
+                   help=f"one sentence per line (default: {DEFAULT_SENTENCES})")
+    p.add_argument("--offline-sentences", type=int, default=1000,
+                   help="sentences translated offline for the baseline (default: 1000; 0 = no baseline)")
+    p.add_argument("--request-timeout", type=float, default=120.0, help="client-side seconds per request")
+    args = p.parse_args(argv)
+    for name in ("clients", "duration", "max_requests", "beam_size", "request_timeout"):
+        if getattr(args, name) <= 0:
+            raise LoadTestError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.offline_sentences < 0:
+        raise LoadTestError(f"--offline-sentences must be >= 0, got {args.offline_sentences}")
+    return args
+
+
+def check_loopback(url: str) -> str:
+    """The URL without a trailing slash, if its host is this machine; else LoadTestError."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.scheme not in ("http", "https"):
+        raise LoadTestError(f"--url must be http:// or https://, got {url}")
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise LoadTestError(f"refusing {url}: the load test only targets this machine "
+                            f"(127.0.0.0/8, ::1 or localhost), got host {host!r}")
+    return url.rstrip("/")
+
+
+def read_sentences(path: Path) -> list[str]:
+    if not path.is_file():
+        raise LoadTestError(f"sentences file not found: {path} (give one with --sentences FILE)")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not lines:
+        raise LoadTestError(f"{path} has no non-blank line")
+    return lines
+
+
+def server_info(url: str) -> dict:
+    try:
+        r = httpx.get(f"{url}/info", timeout=30, trust_env=False)
+    except httpx.TransportError as e:
+        raise LoadTestError(f"no seq2seq-serve answers at {url} ({type(e).__name__}: {e})") from None
+    if r.status_code != 200:
+        raise LoadTestError(f"{url}/info answered {r.status_code}: {r.text[:200]}")
+    return r.json()
+
+
+def offline_throughput(checkpoint: str, sentences: list[str], beam_size: int, batch_size: int) -> dict:
+    """Sentences per second of batch translation in this process (torch imported only here)."""
+    from seq2seq.search import SearchOptions
+    from seq2seq.translate import Translator
+
+    translator = Translator.from_checkpoint(checkpoint)
+    options = SearchOptions(beam_size=beam_size)
+    translator.translate_hypotheses(sentences[:2], options, batch_size=batch_size)   # warm-up
+    start = time.perf_counter()
+    translator.translate_hypotheses(sentences, options, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    return {"checkpoint": checkpoint, "sentences": len(sentences), "batch_size": batch_size,
+            "seconds": round(seconds, 3), "sentences_per_s": len(sentences) / seconds}
+
+
+async def run_clients(url: str, sentences: list[str], clients: int, duration: float, max_requests: int,
+                      beam_size: int, request_timeout: float) -> dict:
+    """Each client: one sentence per request, the next sentence of the shared cycle, until time or count is up."""
+    latencies: list[float] = []
+    errors: Counter[str] = Counter()
+    next_sentence = itertools.cycle(sentences)
+    sent = 0
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=request_timeout, trust_env=False) as http:
+        warm = await http.post("/translate", json={"text": [sentences[0]], "beam_size": beam_size})
+        if warm.status_code != 200:
+            raise LoadTestError(f"the warm-up request was refused: {warm.status_code} {warm.text[:200]}")
+        start = time.perf_counter()
+        stop = start + duration
+
+        async def client() -> None:
+            nonlocal sent
+            # one event loop thread: the counter and the cycle need no lock
+            while time.perf_counter() < stop and sent < max_requests:
+                sent += 1
+                body = {"text": [next(next_sentence)], "beam_size": beam_size}
+                t0 = time.perf_counter()
+                try:
+                    r = await http.post("/translate", json=body)
+                except httpx.HTTPError as e:
+                    errors[type(e).__name__] += 1
+                    continue
+                if r.status_code == 200:
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors[f"HTTP {r.status_code}"] += 1
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+        seconds = time.perf_counter() - start
+    return {"requests": sent, "latencies": latencies, "errors": errors, "seconds": seconds}
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Nearest-rank percentile (q in 0..100) of unsorted values; None for none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * q // 100))   # ceil(n * q / 100), at least 1
+    return ordered[int(rank) - 1]
+
+
+def summarise(load: dict) -> dict:
+    ms = [s * 1000 for s in load["latencies"]]
+    answered = len(ms)   # one sentence per request
+    return {
+        "requests": load["requests"], "sentences": answered, "errors": sum(load["errors"].values()),
+        "errors_by_kind": dict(load["errors"]), "seconds": round(load["seconds"], 3),
+        "sentences_per_s": answered / load["seconds"] if load["seconds"] > 0 else None,
+        "latency_ms": {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99),
+                       "mean": sum(ms) / answered if answered else None, "max": max(ms) if ms else None},
+    }
+
+
+def _fmt(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def table(result: dict) -> str:
+    load, off, lat = result["load"], result["offline"], result["load"]["latency_ms"]
+    rows = [
+        ("load test", f"{result['url']}  {result['clients']} clients, beam {result['beam_size']}, "
+                      f"{load['seconds']:.1f} s"),
+        ("served", f"{load['requests']} requests, {load['sentences']} sentences answered, {load['errors']} errors"
+                   + (f" {load['errors_by_kind']}" if load["errors"] else "")),
+        ("throughput", f"{_fmt(load['sentences_per_s'], 2)} sentences/s"),
+        ("latency", f"p50 {_fmt(lat['p50'])} ms   p95 {_fmt(lat['p95'])} ms   p99 {_fmt(lat['p99'])} ms   "
+                    f"max {_fmt(lat['max'])} ms"),
+        ("offline", "not measured" if off is None else
+         f"{off['sentences']} sentences in {off['seconds']:.1f} s: {off['sentences_per_s']:.2f} sentences/s "
+         f"(batch {off['batch_size']})"),
+        ("served/offline", _fmt(result["served_over_offline"], 3)),
+    ]
+    return "\n".join(f"{label:<15} {value}" for label, value in rows)
+
+
+def run(args: argparse.Namespace) -> dict:
+    url = check_loopback(args.url)
+    sentences = read_sentences(args.sentences)
+    info = server_info(url)
+    service = info.get("service", {})
+    offline = None
+    if args.offline_sentences:
+        checkpoint = args.checkpoint or info.get("checkpoint")
+        if not checkpoint:
+            raise LoadTestError("the server's /info names no checkpoint: give --checkpoint for the offline baseline")
+        baseline = list(itertools.islice(itertools.cycle(sentences), args.offline_sentences))
+        offline = offline_throughput(checkpoint, baseline, args.beam_size, service.get("max_batch_sentences", 64))
+    load = summarise(asyncio.run(run_clients(url, sentences, args.clients, args.duration, args.max_requests,
+                                             args.beam_size, args.request_timeout)))
+    ratio = (load["sentences_per_s"] / offline["sentences_per_s"]
+             if offline and load["sentences_per_s"] is not None else None)
+    return {"schema": "seq2seq-load-test/1", "url": url, "clients": args.clients, "beam_size": args.beam_size,
+            "duration_s": args.duration, "max_requests": args.max_requests, "sentences_file": str(args.sentences),
+            "server": service, "load": load, "offline": offline, "served_over_offline": ratio}
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        result = run(parse_args(argv))
+    except LoadTestError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(table(result), file=sys.stderr)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

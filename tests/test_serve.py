@@ -1,0 +1,328 @@
+"""seq2seq-serve: the JSON API, its limits, the dynamic batcher, and a graceful stop.
+
+API tests drive the app in-process through FastAPI's TestClient; only the SIGTERM test
+(and tests/test_browser.py) start a real uvicorn process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from seq2seq.batcher import Batcher
+from seq2seq.search import SearchOptions
+from seq2seq.serve import ServeSettings, create_app, main
+from seq2seq.translate import Translator
+
+from .conftest import console
+
+ROOT = Path(__file__).resolve().parents[1]
+LIMITS = ServeSettings(max_batch_sentences=16, batch_wait_ms=5, max_sentences=8, max_chars=200,
+                       max_body_bytes=4000, timeout_s=30, max_beam=6)
+
+
+@pytest.fixture(scope="module")
+def model_path(toy_run) -> Path:
+    return toy_run["model"]
+
+
+@pytest.fixture(scope="module")
+def sentences(toy_run) -> list[str]:
+    return (toy_run["data"] / "test.src").read_text().splitlines()[:16]
+
+
+@pytest.fixture(scope="module")
+def translator(model_path) -> Translator:
+    return Translator.from_checkpoint(model_path)
+
+
+@pytest.fixture(scope="module")
+def client(model_path):
+    with TestClient(create_app(model_path, LIMITS)) as c:
+        yield c
+
+
+def offline(translator: Translator, lines: list[str], **options):
+    return translator.translate_hypotheses(lines, SearchOptions(**options))
+
+
+# ---- results --------------------------------------------------------------------------
+
+def test_translations_equal_the_offline_translator_with_blanks_kept_in_place(client, translator, sentences):
+    text = [sentences[0], "", sentences[1], "   ", sentences[2]]
+    r = client.post("/translate", json={"text": text, "beam_size": 5})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    expected = offline(translator, text, beam_size=5)
+    assert body["translations"] == [h[0].text for h in expected]
+    assert body["translations"][1] == body["translations"][3] == ""
+    assert body["scores"] == pytest.approx([h[0].score for h in expected], abs=1e-4)
+    assert body["model"] == "model.pt" and body["elapsed_ms"] > 0 and body["attention"] is None
+
+
+def test_nbest_gives_each_sentence_a_list_best_first(client, translator, sentences):
+    text = [sentences[3], "", sentences[4]]
+    r = client.post("/translate", json={"text": text, "beam_size": 4, "nbest": 3})
+    assert r.status_code == 200, r.text
+    expected = offline(translator, text, beam_size=4, nbest=3)
+    body = r.json()
+    assert body["translations"] == [[t.text for t in h] for h in expected]
+    assert body["translations"][1] == [""] and body["scores"][1] == [0.0]
+    assert all(len(s) == 3 and s == sorted(s, reverse=True) for s in (body["scores"][0], body["scores"][2]))
+
+
+def test_attention_of_the_first_sentence_with_its_subwords(client, translator, sentences):
+    text = [sentences[5], sentences[6]]
+    r = client.post("/translate", json={"text": text, "beam_size": 3, "attention": True})
+    assert r.status_code == 200, r.text
+    attention = r.json()["attention"]
+    first = translator.translate_hypotheses(text[:1], SearchOptions(beam_size=3), return_attention=True)[0][0]
+    assert attention["source"] == first.source_pieces and attention["source"][-1] == "</s>"
+    assert attention["target"][:len(first.pieces)] == first.pieces
+    weights = attention["weights"]
+    assert len(weights) == len(attention["target"]) and {len(row) for row in weights} == {len(attention["source"])}
+    np.testing.assert_allclose(weights, first.attention.numpy(), atol=1e-4)
+    assert all(sum(row) == pytest.approx(1.0, abs=1e-3) for row in weights)
+    blank_first = client.post("/translate", json={"text": ["", sentences[5]], "attention": True})
+    assert blank_first.json()["attention"] is None
+
+
+# ---- refusals: a 4xx with a JSON body, and the service answers the next request --------
+
+BAD_REQUESTS = [
+    pytest.param({"json": {"text": ["kime"] * 9}}, 413,
+                 {"error": "too many sentences", "limit": "max_sentences", "value": 8}, id="max_sentences"),
+    pytest.param({"json": {"text": ["kime " * 41]}}, 413,
+                 {"error": "sentence too long", "limit": "max_chars", "value": 200}, id="max_chars"),
+    pytest.param({"content": json.dumps({"text": ["kime"] * 2000}), "headers": {"content-type": "application/json"}},
+                 413, {"error": "request body too large", "limit": "max_body_bytes", "value": 4000}, id="max_body_bytes"),
+    pytest.param({"json": {"text": ["kime"], "beam_size": 7}}, 422, {"limit": "max_beam", "value": 6}, id="beam_too_big"),
+    pytest.param({"json": {"text": ["kime"], "beam_size": 0}}, 422, {"limit": "max_beam", "value": 6}, id="beam_zero"),
+    pytest.param({"json": {"text": ["kime"], "beam_size": 2, "nbest": 3}}, 422,
+                 {"error": "nbest must be between 1 and beam_size (2), got 3"}, id="nbest_over_beam"),
+    pytest.param({"json": {"text": ["kime"], "beam": 5}}, 422, {"error": "invalid request"}, id="unknown_field"),
+    pytest.param({"json": {"text": "kime"}}, 422, {"error": "invalid request"}, id="text_not_a_list"),
+    pytest.param({"json": {"text": ["kime"], "beam_size": "5"}}, 422, {"error": "invalid request"}, id="beam_a_string"),
+    pytest.param({"json": {"text": ["kime"], "normalisation": "gmnt"}}, 422, {"error": "invalid request"},
+                 id="unknown_normalisation"),
+    pytest.param({"content": b'{"text": ["kime"], "alpha": Infinity}', "headers": {"content-type": "application/json"}},
+                 422, {"error": "invalid request"}, id="alpha_infinite"),
+    pytest.param({"json": ["kime"]}, 422, {"error": "invalid request"}, id="not_an_object"),
+    pytest.param({"json": {}}, 422, {"error": "invalid request"}, id="no_text"),
+    pytest.param({"content": b'{"text": ["kime"', "headers": {"content-type": "application/json"}}, 400,
+                 {"error": "invalid JSON"}, id="invalid_json"),
+    pytest.param({"content": b"text=kime", "headers": {"content-type": "application/x-www-form-urlencoded"}}, 415,
+                 {"value": "application/x-www-form-urlencoded"}, id="a_form"),
+]
+
+
+@pytest.mark.parametrize("request_args, status, expected", BAD_REQUESTS)
+def test_a_bad_request_is_a_4xx_json_answer_and_the_service_goes_on(client, request_args, status, expected):
+    r = client.post("/translate", **request_args)
+    assert r.status_code == status, r.text
+    body = r.json()
+    assert body.items() >= expected.items(), body
+    after = client.post("/translate", json={"text": ["kime"]})
+    assert after.status_code == 200 and after.json()["translations"][0]
+
+
+def test_a_timed_out_request_is_408_and_its_sentences_are_never_decoded(model_path, sentences):
+    slow = ServeSettings(batch_wait_ms=400, timeout_s=0.1)
+    with TestClient(create_app(model_path, slow)) as c:
+        r = c.post("/translate", json={"text": sentences[:3]})
+        assert r.status_code == 408
+        assert r.json() == {"error": "request timed out", "limit": "timeout_s", "value": 0.1}
+        time.sleep(0.5)                     # past the waiting window: the batch would have run by now
+        batcher = c.app.state.batcher
+        assert batcher.pending == 0 and len(batcher.batches) == 0
+        assert c.get("/health").json() == {"status": "ok", "queued_sentences": 0}
+
+
+def test_a_decoding_failure_is_a_500_json_answer_and_the_worker_lives_on(model_path, sentences, monkeypatch):
+    broken = Translator.from_checkpoint(model_path)
+    real = broken.translate_hypotheses
+    failures = iter([RuntimeError("out of memory (simulated)")])
+
+    def fail_once(*args, **kwargs):
+        error = next(failures, None)
+        if error is not None:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(broken, "translate_hypotheses", fail_once)
+    with TestClient(create_app(broken, LIMITS)) as c:
+        r = c.post("/translate", json={"text": sentences[:2]})
+        assert r.status_code == 500
+        assert r.json() == {"error": "translation failed", "detail": "RuntimeError: out of memory (simulated)"}
+        again = c.post("/translate", json={"text": sentences[:2]})
+        assert again.status_code == 200
+        assert again.json()["translations"] == [h[0].text for h in real(sentences[:2], SearchOptions())]
+        assert c.get("/info").status_code == 404    # built from a Translator without a card
+        assert c.get("/health").status_code == 200
+        c.app.state.batcher.close()
+        assert c.get("/health").status_code == 503  # a health check that notices a dead worker
+
+
+# ---- the other endpoints -----------------------------------------------------------------
+
+def test_health_info_openapi_and_the_page(client):
+    assert client.get("/health").json() == {"status": "ok", "queued_sentences": 0}
+    info = client.get("/info").json()
+    assert info["parameters"] > 0 and info["src_lang"] == "src" and info["tgt_lang"] == "tgt"
+    assert "best_val" in info and info["service"]["max_beam"] == 6
+    spec = client.get("/openapi.json").json()
+    assert "/translate" in spec["paths"] and "beam_size" in json.dumps(spec["components"])
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert '<canvas id="heatmap"' in page.text and 'fetch("/translate"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text   # works offline: nothing fetched from elsewhere
+
+
+# ---- the batcher -----------------------------------------------------------------------------
+
+def test_concurrent_requests_share_a_batch_and_get_the_offline_results(model_path, translator, sentences):
+    app = create_app(model_path, ServeSettings(max_batch_sentences=64, batch_wait_ms=300))
+    requests = [sentences[i:i + 2] for i in range(0, 16, 2)]
+    with TestClient(app) as c, ThreadPoolExecutor(len(requests)) as pool:
+        answers = list(pool.map(lambda text: c.post("/translate", json={"text": text, "beam_size": 5}), requests))
+        records = list(app.state.batcher.batches)
+    assert all(a.status_code == 200 for a in answers)
+    for text, answer in zip(requests, answers):
+        assert answer.json()["translations"] == [h[0].text for h in offline(translator, text, beam_size=5)]
+    assert max(r.requests for r in records) > 1, records
+    assert sum(r.sentences for r in records) == sum(len(t) for t in requests)
+
+
+def test_the_waiting_window_holds_a_sentence_for_company_and_a_full_batch_goes_at_once(translator, sentences):
+    with Batcher(translator, max_batch_sentences=4, max_wait_ms=600) as batcher:
+        first = batcher.submit(sentences[:1], SearchOptions(beam_size=2))
+        time.sleep(0.2)
+        assert not first.done()                         # still waiting inside its window
+        second = batcher.submit(sentences[1:2], SearchOptions(beam_size=2))
+        both = first.result(timeout=30) + second.result(timeout=30)
+    assert [h[0].text for h in both] == [h[0].text for h in offline(translator, sentences[:2], beam_size=2)]
+    assert [(r.sentences, r.requests) for r in batcher.batches] == [(2, 2)]
+    with Batcher(translator, max_batch_sentences=4, max_wait_ms=60_000) as batcher:
+        full = batcher.submit(sentences[:4], SearchOptions(beam_size=2))
+        assert len(full.result(timeout=30)) == 4       # four sentences fill the batch: no minute-long wait
+
+
+def test_a_batch_never_mixes_search_options(translator, sentences):
+    with Batcher(translator, max_batch_sentences=64, max_wait_ms=300) as batcher:
+        greedy = batcher.submit(sentences[:3], SearchOptions(beam_size=1))
+        beams = batcher.submit(sentences[3:6], SearchOptions(beam_size=5, nbest=3))
+        greedy_again = batcher.submit(sentences[6:8], SearchOptions(beam_size=1))
+        results = [f.result(timeout=30) for f in (greedy, beams, greedy_again)]
+    assert [[t.text for t in h] for h in results[0]] == [[t.text for t in h] for h in
+                                                         offline(translator, sentences[:3], beam_size=1)]
+    assert [[t.text for t in h] for h in results[1]] == [[t.text for t in h] for h in
+                                                         offline(translator, sentences[3:6], beam_size=5, nbest=3)]
+    assert all(len(h) == 1 for h in results[0] + results[2]) and all(len(h) == 3 for h in results[1])
+    # the two greedy requests shared a batch; the beam request ran alone
+    assert sorted((r.sentences, r.requests) for r in batcher.batches) == [(3, 1), (5, 2)]
+
+
+def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order(translator, sentences):
+    text = sentences[:7]
+    with Batcher(translator, max_batch_sentences=3, max_wait_ms=0) as batcher:
+        result = batcher.submit(text, SearchOptions(beam_size=2)).result(timeout=30)
+    assert [h[0].text for h in result] == [h[0].text for h in offline(translator, text, beam_size=2)]
+    assert [r.sentences for r in batcher.batches] == [3, 3, 1]
+
+
+def test_batcher_refuses_what_it_cannot_serve_faithfully(translator):
+    with pytest.raises(ValueError, match="sampling is not batched"):
+        Batcher(translator).submit(["kime"], SearchOptions(beam_size=1, sample=True))
+    with pytest.raises(ValueError, match="max_batch_sentences must be >= 1, got 0"):
+        Batcher(translator, max_batch_sentences=0)
+    blank = Batcher(translator).submit(["", " "], SearchOptions())   # never started: blanks need no model
+    assert [h[0].text for h in blank.result(timeout=1)] == ["", ""]
+
+
+# ---- the command line ------------------------------------------------------------------------
+
+def test_bad_flags_and_checkpoints_are_one_line_and_exit_code_2(tmp_path, capsys):
+    assert main(["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert capsys.readouterr().err.startswith("error: not a valid seq2seq checkpoint:")
+    assert main(["--checkpoint", "x.pt", "--timeout", "0"]) == 2
+    assert capsys.readouterr().err == "error: --timeout must be > 0, got 0.0\n"
+    assert main(["--checkpoint", "x.pt", "--max-sentences", "0"]) == 2
+    assert capsys.readouterr().err == "error: --max-sentences must be >= 1, got 0\n"
+    with pytest.raises(ValueError, match="max_beam must be >= 1, got 0"):
+        ServeSettings(max_beam=0)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(model: Path, *flags: str, startup_timeout: float = 120):
+    """A real `seq2seq-serve` process on a free loopback port; yields (process, base URL)."""
+    port = free_port()
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([console("seq2seq-serve"), "--checkpoint", str(model), "--port", str(port), *flags],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_timeout
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"seq2seq-serve exited with {proc.returncode}:\n{proc.stdout.read().decode()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"seq2seq-serve did not answer within {startup_timeout} s")
+            time.sleep(0.2)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=30)
+        proc.stdout.close()
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0(model_path, translator, sentences):
+    # a long waiting window keeps the request in flight while the signal arrives
+    with running_server(model_path, "--batch-wait-ms", "1500") as (proc, url):
+        answer = {}
+        request = threading.Thread(target=lambda: answer.update(
+            r=httpx.post(f"{url}/translate", json={"text": sentences[:2]}, timeout=60)))
+        request.start()
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{url}/health", timeout=5).json()["queued_sentences"] < 2:
+            assert time.monotonic() < deadline, "the request never reached the queue"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        request.join(timeout=60)
+        assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-3000:]
+    r = answer["r"]
+    assert r.status_code == 200
+    assert r.json()["translations"] == [h[0].text for h in offline(translator, sentences[:2], beam_size=5)]
+
+
+def test_load_test_refuses_a_non_loopback_server():
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_test.py"), "--url", "http://192.0.2.1:8000"],
+                          capture_output=True, timeout=60)
+    assert proc.returncode == 2
+    assert "refusing http://192.0.2.1:8000: the load test only targets this machine" in proc.stderr.decode()
