@@ -65,6 +65,20 @@ memory                peak resident set size (ru_maxrss via os.wait4) of a fresh
                         before the work), beam_size, batch_size, sentences, seconds}
   train                 {peak_rss_mb, setup_peak_rss_mb, steps, batch_size, seconds}
                         (either may be {"error": ...})
+scale                 (only when asked: --only ...,scale) corpora of --scale-pairs pairs
+                      synthesised by resampling DATA/train pairs (seeded), in --scale-dir:
+  runs                  one per size, each {pairs, synthesis_s (not part of preparation),
+                        corpus_bytes, tokenizer {seconds, sample (sentences it learned
+                        from: at most --scale-sp-sample), vocab_size, peak_rss_mb},
+                        prepare {seconds, sentences_per_s, cache_bytes, pairs_kept,
+                        peak_rss_mb} (tokenize once into the memory-mapped token cache,
+                        with the checkpoint's tokenizers), reuse_open_s (a second run
+                        finding the cache), train {time_to_first_step_s (process start
+                        after imports to the end of the first optimiser step: cache
+                        opening, sampler, model, first batch), steps, seconds,
+                        peak_rss_mb (the whole training process)}}; each part run in
+                        its own child process
+  train_rss_ratio       peak training RSS of the largest size / of the smallest
 
 Figures are throughput of this code on this CPU; FLOPs count only matmuls with
 parameters (6 per parameter per token for forward + backward), not attention scores
@@ -82,6 +96,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -91,6 +106,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -101,11 +117,14 @@ from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
 from seq2seq.files import InputError, read_lines
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import build_model
-from seq2seq.tokenizer import PAD_ID
+from seq2seq.token_cache import cached_dataset
+from seq2seq.tokenizer import PAD_ID, train_tokenizer
 from seq2seq.translate import SearchOptions, Translator
 
 SECTIONS = ("peak", "train", "decode", "memory")
+OPTIONAL_SECTIONS = ("scale",)  # minutes of work at millions of pairs: only when asked
 SCHEMA = "seq2seq-benchmark/1"
+CHILD_START = time.perf_counter()  # after imports: where a child's time to first step starts
 log = logging.getLogger("benchmark")
 
 
@@ -208,7 +227,7 @@ def check_inputs(args, sections: list[str]) -> None:
         raise InputError(f"checkpoint not found: {ckpt}")
     paths = data_paths(args)
     needed = []
-    if "train" in sections or "memory" in sections:
+    if "train" in sections or "memory" in sections or "scale" in sections:
         needed += ["train_src", "train_tgt"]
     if "decode" in sections or "memory" in sections:
         needed += ["test_src", "test_ref"]
@@ -545,6 +564,9 @@ def bench_decode(args) -> dict:
 def child_main(args) -> int:
     """Run one job in this (fresh) process; print its timings as JSON on stdout."""
     setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    if args._child.startswith("scale-"):
+        print(json.dumps(scale_child(args)), flush=True)
+        return 0
     if args._child == "translate":
         lines, _ = test_lines(args)
         translator = Translator.from_checkpoint(args.checkpoint)
@@ -568,7 +590,7 @@ def child_main(args) -> int:
     return 0
 
 
-def child_args(args, job: str) -> list[str]:
+def child_args(args, job: str, extra: list[str] | None = None) -> list[str]:
     argv = [sys.executable, os.path.abspath(__file__), "--checkpoint", args.checkpoint, "--data", args.data,
             "--src", args.src, "--tgt", args.tgt, "--test-split", args.test_split,
             "--train-batch-size", str(args.train_batch_size), "--seed", str(args.seed),
@@ -577,13 +599,15 @@ def child_args(args, job: str) -> list[str]:
         argv += ["--sentences", str(args.sentences)]
     if args.no_malloc_tuning:
         argv.append("--no-malloc-tuning")
-    return argv
+    if job.startswith("scale-"):
+        argv += ["--scale-sp-sample", str(args.scale_sp_sample), "--scale-train-steps", str(args.scale_train_steps)]
+    return argv + (extra or [])
 
 
-def run_child(args, job: str) -> dict:
+def run_child(args, job: str, extra: list[str] | None = None) -> dict:
     """Start a child, read its JSON, and take its ru_maxrss from os.wait4 (this child only)."""
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(child_args(args, job), stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.Popen(child_args(args, job, extra), stdout=subprocess.PIPE, stderr=err, text=True)
         stdout = proc.stdout.read()
         proc.stdout.close()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -606,6 +630,88 @@ def bench_memory(args) -> dict:
         say(f"  peak RSS {r['peak_rss_mb']:.0f} MB (after setup {r['setup_peak_rss_mb']:.0f} MB)"
             if "peak_rss_mb" in r else f"  {r}")
     return out
+
+
+# ---- 5. scale ----------------------------------------------------------------------
+
+def synthesise(args, pairs: int, out_dir: Path) -> dict:
+    """Write `pairs` pairs drawn with replacement from the training corpus (seeded)."""
+    paths = data_paths(args)
+    src, tgt = read_lines(paths["train_src"]), read_lines(paths["train_tgt"])
+    rng = np.random.default_rng(args.seed)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with open(out_dir / "train.src", "w", encoding="utf-8") as fs, open(out_dir / "train.tgt", "w", encoding="utf-8") as ft:
+        for start in range(0, pairs, 100_000):
+            idx = rng.integers(0, len(src), size=min(100_000, pairs - start))
+            fs.write("".join(src[i] + "\n" for i in idx))
+            ft.write("".join(tgt[i] + "\n" for i in idx))
+    return {"pairs": pairs, "synthesis_s": time.perf_counter() - t0,
+            "corpus_bytes": (out_dir / "train.src").stat().st_size + (out_dir / "train.tgt").stat().st_size}
+
+
+def scale_child(args) -> dict:
+    """One part of the scale section, in this fresh process (see bench_scale)."""
+    d = Path(args.scale_work)
+    files = [d / "train.src", d / "train.tgt"]
+    _, src_tok, tgt_tok, info = load_model(args.checkpoint)
+    opts = training_options(info)
+    if args._child == "scale-tokenizer":
+        t0 = time.perf_counter()
+        tok = train_tokenizer(files, len(tgt_tok), max_sentences=args.scale_sp_sample, seed=args.seed)
+        return {"seconds": time.perf_counter() - t0, "sample": args.scale_sp_sample, "vocab_size": len(tok)}
+    t0 = time.perf_counter()
+    dataset = cached_dataset(*files, src_tok, tgt_tok, d / "cache", max_len=opts["max_len"])
+    opened = time.perf_counter() - t0
+    if args._child == "scale-prepare":
+        cache_bytes = sum(f.stat().st_size for f in (d / "cache").rglob("*") if f.is_file())
+        return {"seconds": opened, "sentences_per_s": len(dataset) / opened if opened else None,
+                "cache_bytes": cache_bytes, "pairs_kept": len(dataset)}
+    # scale-train: what a training run does with the cache, up to and past its first step
+    sampler = BucketBatchSampler(dataset.lengths, args.train_batch_size, shuffle=True, seed=args.seed)
+    torch.manual_seed(args.seed)
+    model = build_model(dict(info["model_config"])).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"])
+    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=opts["label_smoothing"], reduction="sum")
+    first, steps = None, 0
+    for idx in sampler:
+        batch = collate([dataset[i] for i in idx])
+        optimizer.zero_grad(set_to_none=True)
+        logits, _ = model(batch.src, batch.src_len, batch.tgt_in)   # (batch, tgt_len, vocab)
+        loss = loss_fn(logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1))
+        (loss / max(int((batch.tgt_out != PAD_ID).sum()), 1)).backward()
+        optimizer.step()
+        steps += 1
+        if first is None:
+            first = time.perf_counter() - CHILD_START
+        if steps == args.scale_train_steps:
+            break
+    return {"reuse_open_s": opened, "time_to_first_step_s": first, "steps": steps,
+            "seconds": time.perf_counter() - t0}
+
+
+def bench_scale(args) -> dict:
+    base = Path(args.scale_dir or tempfile.mkdtemp(prefix="seq2seq-scale-"))
+    runs = []
+    for pairs in args.scale_pairs:
+        work = base / f"pairs-{pairs}"
+        say(f"scale: {pairs:,} pairs in {work} ...")
+        run = synthesise(args, pairs, work)
+        for part, job in (("tokenizer", "scale-tokenizer"), ("prepare", "scale-prepare"), ("train", "scale-train")):
+            run[part] = run_child(args, job, extra=["--scale-work", str(work)])
+        if "reuse_open_s" in run["train"]:
+            run["reuse_open_s"] = run["train"].pop("reuse_open_s")
+        runs.append(run)
+        p, t = run["prepare"], run["train"]
+        say(f"  prepare {p.get('sentences_per_s', 0):,.0f} pairs/s, cache {p.get('cache_bytes', 0) / 2**20:,.0f} MiB; "
+            f"first step after {t.get('time_to_first_step_s', float('nan')):.1f} s; "
+            f"training peak RSS {t.get('peak_rss_mb', float('nan')):,.0f} MB")
+    if args.scale_dir is None:
+        shutil.rmtree(base, ignore_errors=True)  # gigabytes at millions of pairs: keep only when asked
+    rss = [r["train"].get("peak_rss_mb") for r in runs]
+    ratio = rss[-1] / rss[0] if len(rss) > 1 and None not in (rss[0], rss[-1]) else None
+    return {"dir": str(base) if args.scale_dir else None, "sp_sample": args.scale_sp_sample, "train_steps": args.scale_train_steps,
+            "runs": runs, "train_rss_ratio": ratio}
 
 
 # ---- report ------------------------------------------------------------------------
@@ -645,6 +751,15 @@ def print_table(report: dict) -> None:
     if "memory" in report:
         for k, r in report["memory"].items():
             say(f"memory {k:10s} " + (f"peak RSS {r['peak_rss_mb']:.0f} MB" if "peak_rss_mb" in r else str(r)))
+    if "scale" in report:
+        say(f"{'scale pairs':>12s} {'prep pairs/s':>12s} {'cache MiB':>9s} {'1st step s':>10s} {'train RSS MB':>12s}")
+        for r in report["scale"]["runs"]:
+            p, t = r["prepare"], r["train"]
+            say(f"{r['pairs']:12,d} {p.get('sentences_per_s') or float('nan'):12,.0f} "
+                f"{p.get('cache_bytes', float('nan')) / 2**20:9,.0f} {t.get('time_to_first_step_s', float('nan')):10.1f} "
+                f"{t.get('peak_rss_mb', float('nan')):12,.0f}")
+        ratio = report["scale"]["train_rss_ratio"]
+        say(f"training RSS, largest / smallest corpus: {ratio:.2f}" if ratio else "training RSS ratio: n/a")
 
 
 # ---- command line --------------------------------------------------------------------
@@ -672,9 +787,10 @@ def int_list(text: str) -> list[int]:
 
 def section_list(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in SECTIONS]
+    valid = SECTIONS + OPTIONAL_SECTIONS
+    bad = [n for n in names if n not in valid]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown section(s) {bad or text!r}; choose from {','.join(SECTIONS)}")
+        raise argparse.ArgumentTypeError(f"unknown section(s) {bad or text!r}; choose from {','.join(valid)}")
     return names
 
 
@@ -724,7 +840,17 @@ def parser() -> argparse.ArgumentParser:
                    help="leave glibc malloc as it is (seq2seq.cpu.keep_freed_memory not called)")
     g.add_argument("--input-feeding", choices=["checkpoint", "on", "off"], default="checkpoint",
                    help="train section: override the checkpoint's input feeding (default: as trained)")
-    p.add_argument("--_child", choices=["translate", "train"], help=argparse.SUPPRESS)
+    g = p.add_argument_group("scale (only with --only ...,scale)")
+    g.add_argument("--scale-pairs", type=int_list, default=[30_000, 5_000_000],
+                   help="corpus sizes to synthesise and train on (default: 30000,5000000)")
+    g.add_argument("--scale-dir", help="where the corpora and caches go (default: a new temporary directory)")
+    g.add_argument("--scale-sp-sample", type=positive_int, default=1_000_000,
+                   help="SentencePiece learns from at most this many sentences (default: %(default)s)")
+    g.add_argument("--scale-train-steps", type=positive_int, default=20,
+                   help="training steps on each corpus (default: %(default)s)")
+    p.add_argument("--_child", choices=["translate", "train", "scale-tokenizer", "scale-prepare", "scale-train"],
+                   help=argparse.SUPPRESS)
+    p.add_argument("--scale-work", help=argparse.SUPPRESS)
     return p
 
 
@@ -754,6 +880,8 @@ def run(args) -> dict:
         report["decode"] = bench_decode(args)
     if "memory" in args.only:
         report["memory"] = bench_memory(args)
+    if "scale" in args.only:
+        report["scale"] = bench_scale(args)
     report["environment"]["malloc_tuned"] = not args.no_malloc_tuning
     report["elapsed_s"] = time.perf_counter() - started
     return report

@@ -25,10 +25,16 @@ CHECKPOINT_SUFFIXES = (".ckpt", ".pt")
 
 
 def latest_checkpoints(run_dir: str | Path, n: int) -> list[Path]:
-    """The `n` most recently modified checkpoint files in RUN_DIR/checkpoints, oldest first."""
+    """The `n` most recently modified checkpoint files of a run, oldest first.
+
+    They come from RUN_DIR/checkpoints/epochs (end-of-epoch checkpoints kept with
+    train.keep_last_epochs) when it holds any, else from RUN_DIR/checkpoints.
+    """
     if n < 1:
         raise InputError(f"--last must be >= 1, got {n}")
     ckpt_dir = Path(run_dir) / "checkpoints"
+    if any((ckpt_dir / "epochs").glob("*.ckpt")):
+        ckpt_dir = ckpt_dir / "epochs"
     if not ckpt_dir.is_dir():
         raise InputError(f"no checkpoints directory in {run_dir} (expected {ckpt_dir})")
     found = sorted((p for p in ckpt_dir.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES),

@@ -9,6 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .data import BucketBatchSampler, ParallelDataset, collate
+from .token_cache import cached_dataset
 from .tokenizer import Tokenizer
 
 
@@ -54,12 +55,14 @@ class TranslationDataModule(L.LightningDataModule):
         valid_batch_size: int = 128,
         seed: int = 1,
         num_workers: int = 0,
+        cache_dir: str | Path | None = None,
     ):
         super().__init__()
         self.paths = (train_src, train_tgt, valid_src, valid_tgt)
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.batch_size, self.max_tokens, self.max_len = batch_size, max_tokens, max_len
         self.valid_batch_size, self.seed, self.num_workers = valid_batch_size, seed, num_workers
+        self.cache_dir = cache_dir  # training pairs tokenized once into a memory-mapped cache there
         self.train_set: ParallelDataset | None = None
         self.valid_set: ParallelDataset | None = None
         self.train_sampler: BucketBatchSampler | None = None
@@ -67,8 +70,12 @@ class TranslationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             ts, tt, vs, vt = self.paths
-            self.train_set = ParallelDataset.from_files(ts, tt, self.src_tokenizer, self.tgt_tokenizer,
-                                                        max_len=self.max_len)
+            if self.cache_dir is not None:
+                self.train_set = cached_dataset(ts, tt, self.src_tokenizer, self.tgt_tokenizer, self.cache_dir,
+                                                max_len=self.max_len)
+            else:
+                self.train_set = ParallelDataset.from_files(ts, tt, self.src_tokenizer, self.tgt_tokenizer,
+                                                            max_len=self.max_len)
             # validation is never filtered: BLEU is over every reference line
             self.valid_set = ParallelDataset.from_files(vs, vt, self.src_tokenizer, self.tgt_tokenizer,
                                                         max_len=None, drop_empty=False)

@@ -8,8 +8,10 @@ the exported model.pt, test translations and results.json.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from . import toy
+from .average import average
 from .checkpoint import CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
 from .cpu import keep_freed_memory
 from .datamodule import TranslationDataModule
@@ -30,6 +33,7 @@ from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
 from .model import ModelConfig
 from .module import TranslationModule
+from .throughput import TokensPerSecond
 from .tokenizer import Tokenizer, train_tokenizer
 from .translate import SearchOptions, Translator
 
@@ -63,6 +67,10 @@ def check_config(cfg: DictConfig) -> ModelConfig:
         for p in split_paths(cfg, split):
             if not p.is_file():
                 raise InputError(f"{split} file not found: {p} (prepare the data first, or set data.dir)")
+    if "TensorBoardLogger" in str(cfg.logger.get("_target_", "")):
+        if importlib.util.find_spec("tensorboard") is None:
+            raise InputError("logger=tensorboard needs the tensorboard package: "
+                             "pip install 'seq2seq[tensorboard]' (or use logger=csv)")
     if cfg.train.batch_size < 1:
         raise InputError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     return model_config
@@ -82,6 +90,23 @@ def build_tokenizers(cfg: DictConfig, resume_from: Path | None) -> tuple[Tokeniz
             train_tokenizer([tgt_path], t.vocab_size, **kwargs))
 
 
+def token_cache_dir(cfg: DictConfig) -> Path | None:
+    """Where training pairs are cached as ids (train.token_cache_dir); None: no cache."""
+    if cfg.train.token_cache_dir is None:
+        return None
+    path = Path(cfg.train.token_cache_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        log.warning("token cache: cannot write to %s (%s); tokenizing in memory instead "
+                    "(set train.token_cache_dir to a writable directory)", path, e.strerror or e)
+        return None
+    return path
+
+
 def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
     last = run_dir / "checkpoints" / "last.ckpt"
     if not (cfg.train.resume and last.is_file()):
@@ -98,6 +123,50 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
         )
     log.info("resuming from %s", last)
     return last
+
+
+def epoch_checkpoints(cfg: DictConfig, ckpt_dir: Path) -> list[ModelCheckpoint]:
+    """Keep the newest `train.keep_last_epochs` end-of-epoch checkpoints (for averaging)."""
+    keep = int(cfg.train.keep_last_epochs)
+    if keep <= 0:
+        return []
+    return [ModelCheckpoint(dirpath=ckpt_dir / "epochs", filename="epoch{epoch:03d}", monitor="step", mode="max",
+                            save_top_k=keep, every_n_epochs=1, auto_insert_metric_name=False,
+                            enable_version_counter=False)]
+
+
+def valid_bleu(cfg: DictConfig, model_path: Path) -> float:
+    """Greedy BLEU on the validation split: the score training selects checkpoints by."""
+    src_path, ref_path = split_paths(cfg, "valid")
+    hyps = [h[0].text for h in Translator.from_checkpoint(model_path).translate_hypotheses(
+        read_lines(src_path), SearchOptions(beam_size=1), batch_size=cfg.evaluate.batch_size)]
+    return corpus_scores(hyps, read_lines(ref_path)).bleu
+
+
+def select_average(cfg: DictConfig, best_pt: Path, epochs_dir: Path, run_dir: Path) -> tuple[Path, dict]:
+    """Average the last `evaluate.average_last` epoch checkpoints; keep it if validation says so.
+
+    The choice between the best single checkpoint and the average is made on the
+    validation split (greedy BLEU), never on the test split. The chosen model is
+    copied to model.pt; both candidates stay as model.best.pt and model.avg.pt.
+    """
+    found = sorted(epochs_dir.glob("epoch*.ckpt")) if epochs_dir.is_dir() else []
+    paths = found[-int(cfg.evaluate.average_last):]
+    if len(paths) < 2:
+        log.info("averaging: %d epoch checkpoint(s) in %s; keeping the best checkpoint", len(paths), epochs_dir)
+        return best_pt, {"chosen": "best", "reason": f"{len(paths)} epoch checkpoint(s) to average"}
+    best_copy = run_dir / "model.best.pt"
+    with atomic_write(best_copy, "wb") as f:
+        f.write(best_pt.read_bytes())
+    avg_pt = average(paths, run_dir / "model.avg.pt")
+    scores = {"best": valid_bleu(cfg, best_copy), "average": valid_bleu(cfg, avg_pt)}
+    chosen = "average" if scores["average"] > scores["best"] else "best"
+    if chosen == "average":
+        with atomic_write(best_pt, "wb") as f:
+            f.write(avg_pt.read_bytes())
+    log.info("validation BLEU (greedy): best checkpoint %.2f, average of %d %.2f -> model.pt is the %s",
+             scores["best"], len(paths), scores["average"], chosen)
+    return best_pt, {"chosen": chosen, "valid_bleu_greedy": scores, "averaged": [p.name for p in paths]}
 
 
 def evaluate_test(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> dict | None:
@@ -138,7 +207,7 @@ def train(cfg: DictConfig) -> dict:
     datamodule = TranslationDataModule(
         train_src, train_tgt, valid_src, valid_tgt, src_tok, tgt_tok,
         batch_size=cfg.train.batch_size, max_tokens=cfg.train.max_tokens, max_len=cfg.train.max_len,
-        seed=cfg.seed, num_workers=cfg.train.num_workers)
+        seed=cfg.seed, num_workers=cfg.train.num_workers, cache_dir=token_cache_dir(cfg))
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     module = TranslationModule(
         model_cfg.to_dict(), **OmegaConf.to_container(cfg.optim, resolve=True),
@@ -153,7 +222,8 @@ def train(cfg: DictConfig) -> dict:
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
                            every_n_train_steps=cfg.train.checkpoint_every_n_steps, enable_version_counter=False)
-    callbacks = [best, last, LearningRateMonitor(logging_interval="epoch"),
+    callbacks = [best, last, LearningRateMonitor(logging_interval="epoch"), TokensPerSecond(),
+                 *epoch_checkpoints(cfg, ckpt_dir),
                  EarlyStopping(monitor="val/bleu", mode="max", patience=cfg.train.early_stopping_patience,
                                check_finite=True, strict=False)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger),
@@ -180,6 +250,8 @@ def train(cfg: DictConfig) -> dict:
         summary["best_val_bleu"] = info["meta"].get("best_val", {}).get("bleu", summary["best_val_bleu"])
         model_pt = save_model(run_dir / "model.pt", module.model, src_tok, tgt_tok, info["config"],
                               info["meta"], state_dict=ckpt["state_dict"])
+        if cfg.evaluate.average_last > 0:
+            model_pt, summary["selection"] = select_average(cfg, model_pt, ckpt_dir / "epochs", run_dir)
         summary["model"] = str(model_pt)
         summary["test"] = evaluate_test(cfg, model_pt, run_dir)
     with atomic_write(run_dir / "results.json") as f:

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from seq2seq import toy
+from seq2seq import toy as toy_task
 from seq2seq.model import ModelConfig, Seq2Seq
+from seq2seq.tokenizer import PAD_ID
 
 BIN = Path(sys.executable).parent
 
@@ -41,7 +42,7 @@ def run_cli(args: list[str], cwd: Path | None = None, stdin: bytes | None = None
 @pytest.fixture(scope="session")
 def toy_data(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("toydata")
-    toy.generate(d)
+    toy_task.generate(d)
     return d
 
 
@@ -65,3 +66,21 @@ def tiny_model() -> Seq2Seq:
     cfg = ModelConfig(src_vocab_size=30, tgt_vocab_size=25, embedding_size=16, encoder_hidden_size=12,
                       encoder_layers=2, decoder_hidden_sizes=[20, 24], attention="bahdanau", dropout=0.0)
     return Seq2Seq(cfg).eval()
+
+
+def random_sources(lengths: list[int], vocab: int = 30, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """A padded batch of random source ids (no specials): (batch, max(lengths)) and the lengths."""
+    g = torch.Generator().manual_seed(seed)
+    src = torch.full((len(lengths), max(lengths)), PAD_ID)
+    for i, n in enumerate(lengths):
+        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
+    return src, torch.tensor(lengths)
+
+
+@pytest.fixture(scope="module")
+def toy(toy_run) -> dict:
+    """The trained toy model with its test split, as paths and lines."""
+    data = toy_run["data"]
+    return {"model": str(toy_run["model"]), "src": data / "test.src", "tgt": data / "test.tgt",
+            "lines": (data / "test.src").read_text().splitlines(),
+            "refs": (data / "test.tgt").read_text().splitlines()}

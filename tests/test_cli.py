@@ -9,14 +9,6 @@ import pytest
 from .conftest import run_cli
 
 
-@pytest.fixture(scope="module")
-def toy(toy_run):
-    data = toy_run["data"]
-    return {"model": str(toy_run["model"]), "src": data / "test.src", "tgt": data / "test.tgt",
-            "lines": (data / "test.src").read_text().splitlines(),
-            "refs": (data / "test.tgt").read_text().splitlines()}
-
-
 def test_translate_arguments_stdin_and_files_agree(toy, tmp_path):
     lines, refs = toy["lines"][:5], toy["refs"][:5]
     by_args = run_cli(["seq2seq-translate", "-c", toy["model"], *lines])

@@ -26,18 +26,10 @@ from seq2seq.search import (
     top_k_filter,
     top_p_filter,
 )
-from seq2seq.tokenizer import PAD_ID, train_tokenizer
+from seq2seq.tokenizer import train_tokenizer
 from seq2seq.translate import Translator
 
-from .conftest import run_cli
-
-
-def _batch(lengths, vocab=30, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.full((len(lengths), max(lengths)), PAD_ID)
-    for i, n in enumerate(lengths):
-        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
-    return src, torch.tensor(lengths)
+from .conftest import random_sources, run_cli
 
 
 def _other_tiny_model(seed: int = 1) -> Seq2Seq:
@@ -61,18 +53,10 @@ def _repeats_an_ngram(tokens: list[int], n: int) -> bool:
     return len(grams) != len(set(grams))
 
 
-@pytest.fixture(scope="module")
-def toy(toy_run):
-    data = toy_run["data"]
-    return {"model": str(toy_run["model"]), "src": data / "test.src", "tgt": data / "test.tgt",
-            "lines": (data / "test.src").read_text().splitlines(),
-            "refs": (data / "test.tgt").read_text().splitlines()}
-
-
 # ---- ensembles ------------------------------------------------------------------
 
 def test_ensemble_of_one_equals_the_model_alone(tiny_model):
-    src, src_len = _batch([6, 2, 9, 4])
+    src, src_len = random_sources([6, 2, 9, 4])
     limits = max_lengths(src_len, 1.5, 3, 50)
     one = Ensemble([tiny_model]).eval()
     _same(greedy_search(one, src, src_len, limits), greedy_search(tiny_model, src, src_len, limits), tol=0)
@@ -81,7 +65,7 @@ def test_ensemble_of_one_equals_the_model_alone(tiny_model):
 
 
 def test_ensemble_of_two_identical_models_equals_one(tiny_model):
-    src, src_len = _batch([5, 8, 3])
+    src, src_len = random_sources([5, 8, 3])
     limits = max_lengths(src_len, 1.5, 3, 50)
     two = Ensemble([tiny_model, copy.deepcopy(tiny_model)]).eval()
     _same(beam_search(two, src, src_len, limits, 3, nbest=2),
@@ -91,7 +75,7 @@ def test_ensemble_of_two_identical_models_equals_one(tiny_model):
 
 def test_ensemble_step_is_the_mean_of_the_members_log_probabilities(tiny_model):
     other = _other_tiny_model()
-    src, src_len = _batch([5, 3])
+    src, src_len = random_sources([5, 3])
     ensemble = Ensemble([tiny_model, other]).eval()
     prev = torch.tensor([2, 2])
     with torch.inference_mode():
@@ -139,7 +123,7 @@ def test_an_ensemble_needs_one_tokenizer(tokenizer_checkpoints):
 # ---- sampling -------------------------------------------------------------------
 
 def test_top_k_one_is_greedy(tiny_model):
-    src, src_len = _batch([6, 2, 9, 4])
+    src, src_len = random_sources([6, 2, 9, 4])
     limits = max_lengths(src_len, 1.5, 3, 50)
     sampled = sample_search(tiny_model, src, src_len, limits, generator=torch.Generator().manual_seed(7),
                             temperature=3.0, top_k=1)
@@ -215,7 +199,7 @@ def test_repeated_ngram_mask_is_a_pure_function():
 
 
 def test_no_repeat_ngram_holds_in_greedy_beam_and_sampling(tiny_model):
-    src, src_len = _batch([6, 2, 9, 4, 7])
+    src, src_len = random_sources([6, 2, 9, 4, 7])
     limits = max_lengths(src_len, 3.0, 5, 50)
     plain = greedy_search(tiny_model, src, src_len, limits)
     assert any(_repeats_an_ngram(s[0].tokens, 2) for s in plain)  # the untrained model does repeat
@@ -231,7 +215,7 @@ def test_no_repeat_ngram_holds_in_greedy_beam_and_sampling(tiny_model):
 
 
 def test_beam_size_one_is_greedy_under_constraints(tiny_model):
-    src, src_len = _batch([6, 2, 9, 4])
+    src, src_len = random_sources([6, 2, 9, 4])
     limits = max_lengths(src_len, 2.0, 3, 50)
     greedy = greedy_search(tiny_model, src, src_len, limits, min_len=4, no_repeat_ngram=2)
     beam = beam_search(tiny_model, src, src_len, limits, 1, min_len=4, no_repeat_ngram=2, normalisation="none")
@@ -250,14 +234,14 @@ def test_coverage_penalty_is_a_pure_function():
 
 
 def test_coverage_penalty_zero_changes_nothing(tiny_model):
-    src, src_len = _batch([6, 2, 9])
+    src, src_len = random_sources([6, 2, 9])
     limits = max_lengths(src_len, 1.5, 3, 50)
     _same(beam_search(tiny_model, src, src_len, limits, 4, nbest=3, alpha=0.6),
           beam_search(tiny_model, src, src_len, limits, 4, nbest=3, alpha=0.6, coverage_beta=0.0), tol=0)
 
 
 def test_coverage_penalty_is_added_to_the_final_score(tiny_model):
-    src, src_len = _batch([9, 7, 8])
+    src, src_len = random_sources([9, 7, 8])
     limits = torch.tensor([3, 2, 4])   # short outputs cannot cover long sources: the penalty bites
     hyps = beam_search(tiny_model, src, src_len, limits, 4, nbest=3, normalisation="none", coverage_beta=0.5,
                        return_attention=True)
@@ -280,7 +264,7 @@ def _forced(model, src, src_len, outputs: list[list[int]]) -> torch.Tensor:
 @pytest.mark.parametrize("ensemble", [False, True])
 def test_forced_score_of_the_greedy_output_is_its_log_prob(tiny_model, ensemble):
     model = Ensemble([tiny_model, _other_tiny_model()]).eval() if ensemble else tiny_model
-    src, src_len = _batch([6, 2, 9, 4, 5])
+    src, src_len = random_sources([6, 2, 9, 4, 5])
     limits = max_lengths(src_len, 3.0, 5, 50)
     hyps = [s[0] for s in greedy_search(model, src, src_len, limits, no_repeat_ngram=2)]
     token_lp = _forced(model, src, src_len, [h.tokens for h in hyps])

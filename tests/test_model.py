@@ -12,6 +12,8 @@ from seq2seq.encoder import Encoder
 from seq2seq.model import ModelConfig, Seq2Seq
 from seq2seq.tokenizer import BOS_ID, PAD_ID
 
+from .conftest import random_sources
+
 
 def test_cell_stack_looped_over_time_equals_nn_lstm():
     torch.manual_seed(0)
@@ -35,14 +37,6 @@ def test_cell_stack_looped_over_time_equals_nn_lstm():
     torch.testing.assert_close(torch.stack([c for _, c in hidden]), c_n)
 
 
-def _batch(vocab: int, lengths: list[int], seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.full((len(lengths), max(lengths)), PAD_ID)
-    for i, n in enumerate(lengths):
-        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
-    return src, torch.tensor(lengths)
-
-
 @pytest.mark.parametrize("input_feeding", [True, False])
 @pytest.mark.parametrize("attention", ATTENTION_TYPES)
 def test_teacher_forcing_equals_step_by_step(attention, input_feeding):
@@ -52,7 +46,7 @@ def test_teacher_forcing_equals_step_by_step(attention, input_feeding):
                       encoder_layers=2, decoder_hidden_sizes=[20, 24], attention=attention, dropout=0.0,
                       input_feeding=input_feeding)
     model = Seq2Seq(cfg).eval()
-    src, src_len = _batch(30, [5, 3, 7])
+    src, src_len = random_sources([5, 3, 7], 30, seed=1)
     tgt_in = torch.randint(4, 25, (3, 6))
     tgt_in[:, 0] = BOS_ID
     logits, attn = model(src, src_len, tgt_in)  # (3, 6, 25), (3, 6, 7)
@@ -101,10 +95,10 @@ def test_dot_attention_size_mismatch_is_explained():
 def test_padding_never_changes_a_sentence_encoding():
     torch.manual_seed(0)
     enc = Encoder(30, 8, 6, num_layers=2, bidirectional=True).eval()
-    src, src_len = _batch(30, [4])
+    src, src_len = random_sources([4], 30, seed=1)
     alone, (h1, c1) = enc(src, src_len)
     padded = torch.cat([src, torch.full((1, 5), PAD_ID)], 1)
-    other, _ = _batch(30, [9], seed=3)
+    other, _ = random_sources([9], 30, seed=3)
     both, (h2, c2) = enc(torch.cat([padded, other]), torch.tensor([4, 9]))
     torch.testing.assert_close(both[0, :4], alone[0])
     assert torch.all(both[0, 4:] == 0)
@@ -133,7 +127,7 @@ def test_tied_embeddings_share_one_matrix():
 
 
 def test_memory_and_state_reorder_by_index(tiny_model):
-    src, src_len = _batch(30, [5, 3, 7])
+    src, src_len = random_sources([5, 3, 7], 30, seed=1)
     memory, state = tiny_model.encode(src, src_len)
     idx = torch.tensor([2, 0])
     m2, s2 = memory.index_select(idx), state.index_select(idx)

@@ -6,20 +6,13 @@ import pytest
 import torch
 
 from seq2seq.search import beam_search, greedy_search, length_penalty, max_lengths, normalise
-from seq2seq.tokenizer import PAD_ID
 from seq2seq.translate import SearchOptions, Translator
 
-
-def _batch(lengths, vocab=30, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    src = torch.full((len(lengths), max(lengths)), PAD_ID)
-    for i, n in enumerate(lengths):
-        src[i, :n] = torch.randint(4, vocab, (n,), generator=g)
-    return src, torch.tensor(lengths)
+from .conftest import random_sources
 
 
 def test_beam_size_one_is_greedy(tiny_model):
-    src, src_len = _batch([6, 2, 9, 4])
+    src, src_len = random_sources([6, 2, 9, 4])
     limits = max_lengths(src_len, 1.5, 3, 50)
     greedy = greedy_search(tiny_model, src, src_len, limits)
     beam = beam_search(tiny_model, src, src_len, limits, beam_size=1)
@@ -30,7 +23,7 @@ def test_beam_size_one_is_greedy(tiny_model):
 
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_sentence_alone_equals_sentence_in_a_batch_of_longer_ones(tiny_model, beam_size):
-    src, src_len = _batch([3, 11, 8, 12])
+    src, src_len = random_sources([3, 11, 8, 12])
     limits = max_lengths(src_len, 1.5, 3, 50)
     batched = beam_search(tiny_model, src, src_len, limits, beam_size=beam_size, nbest=beam_size)
     alone = beam_search(tiny_model, src[:1, :3], src_len[:1], limits[:1], beam_size=beam_size, nbest=beam_size)
@@ -39,7 +32,7 @@ def test_sentence_alone_equals_sentence_in_a_batch_of_longer_ones(tiny_model, be
 
 
 def test_nbest_is_sorted_and_complete(tiny_model):
-    src, src_len = _batch([5, 7])
+    src, src_len = random_sources([5, 7])
     hyps = beam_search(tiny_model, src, src_len, max_lengths(src_len, 1.5, 3, 50), beam_size=5, nbest=3)
     for sentence in hyps:
         assert len(sentence) == 3
@@ -49,7 +42,7 @@ def test_nbest_is_sorted_and_complete(tiny_model):
 
 
 def test_output_never_exceeds_the_length_limit(tiny_model):
-    src, src_len = _batch([4, 9])
+    src, src_len = random_sources([4, 9])
     limits = torch.tensor([2, 5])
     for hyps in (greedy_search(tiny_model, src, src_len, limits),
                  beam_search(tiny_model, src, src_len, limits, beam_size=3)):

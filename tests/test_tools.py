@@ -234,3 +234,28 @@ def test_progress_bar_on_a_terminal(toy_run, tmp_path):
     assert proc.wait(timeout=300) == 0
     assert len(stdout.decode().splitlines()) == 40
     assert "40/40" in seen.decode() and "lines/s" in seen.decode()
+
+
+def test_benchmark_json_covers_training_and_the_scale_section(toy_run, tmp_path):
+    """scripts/benchmark.py end to end on the toy model, sizes tiny: the JSON a user reads."""
+    script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "-c", str(toy_run["model"]), "--data", str(toy_run["data"]), "--src", "src",
+         "--tgt", "tgt", "--only", "train,scale", "--train-steps", "2", "--warmup", "1", "--train-batch-size", "16",
+         "--bf16-guard", "3", "--scale-pairs", "300,3000", "--scale-sp-sample", "500", "--scale-train-steps", "2",
+         "--scale-dir", str(tmp_path / "scale"), "--json"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    fp32 = report["train"]["float32"]
+    assert fp32["tgt_tokens_per_s"] > 0 and 0 <= fp32["tgt_padding_fraction"] < 1
+    runs = report["scale"]["runs"]
+    assert [r["pairs"] for r in runs] == [300, 3000]
+    for r in runs:
+        assert r["prepare"]["pairs_kept"] == r["pairs"] and r["prepare"]["cache_bytes"] > 0
+        assert r["tokenizer"]["sample"] == 500 and r["tokenizer"]["vocab_size"] > 4
+        assert r["train"]["steps"] == 2 and r["train"]["peak_rss_mb"] > 0
+        assert 0 < r["train"]["time_to_first_step_s"] <= r["train"]["seconds"] + 60
+    # the larger corpus' cache was built once and found again by the training process
+    assert len(list((tmp_path / "scale" / "pairs-3000" / "cache").iterdir())) == 1
+    assert report["scale"]["train_rss_ratio"] > 0

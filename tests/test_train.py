@@ -154,3 +154,61 @@ def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path, toy_data):
     assert b"resuming from" in done.stdout + done.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["steps"] == 94  # the epoch was finished, not restarted
+
+
+def test_training_logs_target_tokens_per_second(toy_run):
+    """The progress bar's `train/tok_s` also reaches the CSV log, as a plausible rate."""
+    import csv
+
+    rows = list(csv.DictReader(open(toy_run["dir"] / "logs" / "metrics.csv")))
+    rates = [float(r["train/tok_s"]) for r in rows if r.get("train/tok_s")]
+    assert rates, "no train/tok_s in metrics.csv"
+    assert all(10 < r < 10_000_000 for r in rates), rates
+
+
+def test_tensorboard_logger_writes_loss_and_validation_bleu(tmp_path, toy_data, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from seq2seq.train import train
+
+    monkeypatch.chdir(tmp_path)
+    cfg = _compose(["experiment=toy", "logger=tensorboard", f"data.dir={toy_data}", "trainer.max_epochs=1",
+                    "trainer.log_every_n_steps=10", "model.embedding_size=16", "model.encoder_hidden_size=16",
+                    "model.decoder_hidden_sizes=[24]", f"hydra.run.dir={tmp_path / 'run'}"])
+    cfg.paths.output_dir = str(tmp_path / "run")
+    train(cfg)
+    events = list((tmp_path / "run" / "logs").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    for tag in ("train/loss", "train/tok_s", "val/bleu"):
+        assert tag in tags, (tag, tags)
+    assert 0 <= acc.Scalars("val/bleu")[-1].value <= 100
+
+
+def test_epoch_checkpoints_are_averaged_and_validation_chooses_model_pt(tmp_path, toy_data, monkeypatch):
+    """keep_last_epochs keeps the newest N; average_last averages them; model.pt is the better on valid."""
+    import json
+
+    from seq2seq.average import latest_checkpoints
+    from seq2seq.train import train
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    cfg = _compose(["experiment=toy", f"data.dir={toy_data}", "trainer.max_epochs=4", "model.embedding_size=16",
+                    "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[24]",
+                    "train.keep_last_epochs=3", "evaluate.average_last=3", f"hydra.run.dir={run}"])
+    cfg.paths.output_dir = str(run)
+    summary = train(cfg)
+    kept = sorted(p.name for p in (run / "checkpoints" / "epochs").iterdir())
+    assert kept == ["epoch001.ckpt", "epoch002.ckpt", "epoch003.ckpt"]
+    sel = summary["selection"]
+    assert sel["averaged"] == kept
+    scores = sel["valid_bleu_greedy"]
+    assert sel["chosen"] == ("average" if scores["average"] > scores["best"] else "best")
+    chosen_file = run / ("model.avg.pt" if sel["chosen"] == "average" else "model.best.pt")
+    assert (run / "model.pt").read_bytes() == chosen_file.read_bytes()
+    assert json.loads((run / "results.json").read_text())["selection"] == sel
+    # seq2seq-average --last N takes the epoch checkpoints, newest last
+    assert [p.name for p in latest_checkpoints(run, 2)] == ["epoch002.ckpt", "epoch003.ckpt"]

@@ -1,0 +1,105 @@
+"""The training corpus's token cache: equal to tokenizing in memory, reused, invalidated, atomic."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+
+from seq2seq import token_cache
+from seq2seq.data import ParallelDataset
+from seq2seq.files import InputError
+from seq2seq.token_cache import cache_key, cached_dataset
+from seq2seq.tokenizer import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(toy_data):
+    return train_tokenizer([toy_data / "train.src", toy_data / "train.tgt"], 100, model_type="word")
+
+
+@pytest.fixture
+def corpus(tmp_path, toy_data):
+    """Toy pairs plus an empty source line and a pair too long for max_len=12."""
+    src = (toy_data / "train.src").read_text().splitlines()[:500]
+    tgt = (toy_data / "train.tgt").read_text().splitlines()[:500]
+    src[7], tgt[300] = "", " ".join([tgt[300]] * 8)
+    s, t = tmp_path / "c.src", tmp_path / "c.tgt"
+    s.write_text("\n".join(src) + "\n")
+    t.write_text("\n".join(tgt) + "\n")
+    return s, t
+
+
+def _pairs(ds: ParallelDataset) -> list[tuple[list[int], list[int]]]:
+    return [(ds[i][1].tolist(), ds[i][2].tolist()) for i in range(len(ds))]
+
+
+def test_cache_equals_in_memory_tokenization_and_is_memory_mapped(corpus, tok, tmp_path):
+    expected = ParallelDataset.from_files(*corpus, tok, tok, max_len=12)
+    cached = cached_dataset(*corpus, tok, tok, tmp_path / "cache", max_len=12)
+    assert len(cached) == len(expected) == 498          # one empty side, one too long
+    assert _pairs(cached) == _pairs(expected)
+    assert np.array_equal(cached.lengths, expected.lengths)
+    assert isinstance(cached.src.data, np.memmap) and isinstance(cached.tgt.data, np.memmap)
+
+
+def test_second_run_reuses_the_entry_without_tokenizing(corpus, tok, tmp_path, monkeypatch, caplog):
+    first = cached_dataset(*corpus, tok, tok, tmp_path / "cache", max_len=12)
+    monkeypatch.setattr(token_cache, "build", lambda *a, **k: pytest.fail("rebuilt an existing entry"))
+    with caplog.at_level(logging.INFO, logger="seq2seq.token_cache"):
+        again = cached_dataset(*corpus, tok, tok, tmp_path / "cache", max_len=12)
+    assert "reusing" in caplog.text
+    assert _pairs(again) == _pairs(first)
+
+
+def test_changed_data_tokenizer_or_filter_selects_a_new_entry(corpus, tok, toy_data, tmp_path):
+    src, tgt = corpus
+    key = cache_key(src, tgt, tok, tok, max_len=12, drop_empty=True)
+    other_tok = train_tokenizer([toy_data / "train.src", toy_data / "train.tgt"], 60, model_type="word")
+    assert cache_key(src, tgt, other_tok, tok, max_len=12, drop_empty=True) != key
+    assert cache_key(src, tgt, tok, tok, max_len=13, drop_empty=True) != key
+    tgt.write_text(tgt.read_text().replace("\n", " \n", 1))  # one changed byte-for-byte line
+    assert cache_key(src, tgt, tok, tok, max_len=12, drop_empty=True) != key
+    cached_dataset(src, tgt, tok, tok, tmp_path / "cache", max_len=12)
+    assert cached_dataset(src, tgt, tok, tok, tmp_path / "cache", max_len=12)[299][2].tolist() == \
+        ParallelDataset.from_files(src, tgt, tok, tok, max_len=12)[299][2].tolist()
+
+
+def test_unequal_line_counts_name_both_files_and_counts(corpus, tok, tmp_path):
+    src, tgt = corpus
+    tgt.write_text(tgt.read_text() + "one more line\nand another\n")
+    with pytest.raises(InputError, match=rf"{src} has 500 lines, {tgt} has 502 lines"):
+        cached_dataset(src, tgt, tok, tok, tmp_path / "cache")
+    src.write_text(src.read_text() + "x\n" * 5)
+    with pytest.raises(InputError, match=rf"{src} has 505 lines, {tgt} has 502 lines"):
+        cached_dataset(src, tgt, tok, tok, tmp_path / "cache")
+    assert not any((tmp_path / "cache").iterdir())   # nothing left behind
+
+
+def test_a_build_that_dies_leaves_no_entry(corpus, tok, tmp_path, monkeypatch):
+    calls = []
+
+    class Failing:
+        model_bytes = tok.model_bytes
+
+        def encode(self, lines):
+            calls.append(len(lines))
+            if len(calls) == 3:
+                raise KeyboardInterrupt  # killed in the middle of the corpus
+            return tok.encode(lines)
+
+    with pytest.raises(KeyboardInterrupt):
+        token_cache.build(*corpus, Failing(), Failing(), tmp_path / "cache" / "entry", max_len=None,
+                          drop_empty=True, chunk=100)
+    assert list((tmp_path / "cache").iterdir()) == []
+    # the next run builds the entry whole
+    assert len(cached_dataset(*corpus, tok, tok, tmp_path / "cache")) == 499
+
+
+def test_empty_corpus_is_an_error_naming_the_files(tmp_path, tok):
+    s, t = tmp_path / "e.src", tmp_path / "e.tgt"
+    s.write_text("")
+    t.write_text("")
+    with pytest.raises(InputError, match="empty corpus: .*e.src and .*e.tgt"):
+        cached_dataset(s, t, tok, tok, tmp_path / "cache")
