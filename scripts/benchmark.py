@@ -693,21 +693,25 @@ def scale_child(args) -> dict:
 def bench_scale(args) -> dict:
     base = Path(args.scale_dir or tempfile.mkdtemp(prefix="seq2seq-scale-"))
     runs = []
-    for pairs in args.scale_pairs:
-        work = base / f"pairs-{pairs}"
-        say(f"scale: {pairs:,} pairs in {work} ...")
-        run = synthesise(args, pairs, work)
-        for part, job in (("tokenizer", "scale-tokenizer"), ("prepare", "scale-prepare"), ("train", "scale-train")):
-            run[part] = run_child(args, job, extra=["--scale-work", str(work)])
-        if "reuse_open_s" in run["train"]:
-            run["reuse_open_s"] = run["train"].pop("reuse_open_s")
-        runs.append(run)
-        p, t = run["prepare"], run["train"]
-        say(f"  prepare {p.get('sentences_per_s', 0):,.0f} pairs/s, cache {p.get('cache_bytes', 0) / 2**20:,.0f} MiB; "
-            f"first step after {t.get('time_to_first_step_s', float('nan')):.1f} s; "
-            f"training peak RSS {t.get('peak_rss_mb', float('nan')):,.0f} MB")
-    if args.scale_dir is None:
-        shutil.rmtree(base, ignore_errors=True)  # gigabytes at millions of pairs: keep only when asked
+    try:
+        for pairs in args.scale_pairs:
+            work = base / f"pairs-{pairs}"
+            say(f"scale: {pairs:,} pairs in {work} ...")
+            run = synthesise(args, pairs, work)
+            shutil.rmtree(work / "cache", ignore_errors=True)  # "prepare" must build, not find, the cache
+            for part, job in (("tokenizer", "scale-tokenizer"), ("prepare", "scale-prepare"),
+                              ("train", "scale-train")):
+                run[part] = run_child(args, job, extra=["--scale-work", str(work)])
+            if "reuse_open_s" in run["train"]:
+                run["reuse_open_s"] = run["train"].pop("reuse_open_s")
+            runs.append(run)
+            p, t = run["prepare"], run["train"]
+            say(f"  prepare {p.get('sentences_per_s') or 0:,.0f} pairs/s, cache {p.get('cache_bytes', 0) / 2**20:,.0f} "
+                f"MiB; first step after {t.get('time_to_first_step_s', float('nan')):.1f} s; "
+                f"training peak RSS {t.get('peak_rss_mb', float('nan')):,.0f} MB")
+    finally:
+        if args.scale_dir is None:
+            shutil.rmtree(base, ignore_errors=True)  # gigabytes at millions of pairs: keep only when asked
     rss = [r["train"].get("peak_rss_mb") for r in runs]
     ratio = rss[-1] / rss[0] if len(rss) > 1 and None not in (rss[0], rss[-1]) else None
     return {"dir": str(base) if args.scale_dir else None, "sp_sample": args.scale_sp_sample, "train_steps": args.scale_train_steps,

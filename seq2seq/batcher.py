@@ -36,6 +36,10 @@ from .translate import Translation
 log = logging.getLogger(__name__)
 
 
+class BatcherUnavailable(RuntimeError):
+    """The batcher is closing, or its worker thread is not running: nothing would decode."""
+
+
 class TranslatesBatches(Protocol):
     def translate_hypotheses(self, lines: list[str], options: SearchOptions | None = None, *,
                              batch_size: int = 64, return_attention: bool = False) -> list[list[Translation]]: ...
@@ -144,7 +148,9 @@ class Batcher:
             return future
         with self._cond:
             if self._closing:
-                raise RuntimeError("the batcher is closed")
+                raise BatcherUnavailable("the batcher is closing")
+            if not self.alive:
+                raise BatcherUnavailable("the decoding worker is not running")
             self._queue.extend(entries)
             self._cond.notify_all()
         return future

@@ -50,6 +50,14 @@ class TokenArray:
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
+    def __getstate__(self) -> dict:
+        # a memory-mapped array (token cache) is sent to DataLoader workers as its file,
+        # reopened there: pickling the np.memmap itself would copy every id into each worker
+        return {name: _file_ref(arr) for name, arr in (("data", self.data), ("offsets", self.offsets))}
+
+    def __setstate__(self, state: dict) -> None:
+        self.data, self.offsets = _from_ref(state["data"]), _from_ref(state["offsets"])
+
     def __getitem__(self, i: int) -> np.ndarray:
         return self.data[self.offsets[i]:self.offsets[i + 1]]
 
@@ -60,6 +68,19 @@ class TokenArray:
     def select(self, keep: np.ndarray) -> TokenArray:
         """Only the sequences at indices `keep` (sorted), as a new compact array."""
         return TokenArray.from_lists([self[int(i)] for i in keep])
+
+
+def _file_ref(arr: np.ndarray):
+    if isinstance(arr, np.memmap) and arr.filename is not None:
+        return ("memmap", str(arr.filename), arr.dtype.str, arr.shape, arr.offset)
+    return ("array", np.asarray(arr))
+
+
+def _from_ref(ref) -> np.ndarray:
+    if ref[0] == "memmap":
+        _, filename, dtype, shape, offset = ref
+        return np.memmap(filename, dtype=np.dtype(dtype), mode="r", shape=shape, offset=offset)
+    return ref[1]
 
 
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str]]:

@@ -67,6 +67,13 @@ class TranslationDataModule(L.LightningDataModule):
         self.valid_set: ParallelDataset | None = None
         self.train_sampler: BucketBatchSampler | None = None
 
+    def prepare_data(self) -> None:
+        # Lightning runs this in one process per machine before `setup` on every rank:
+        # a large corpus is tokenized once, not once per rank
+        if self.cache_dir is not None:
+            ts, tt, _, _ = self.paths
+            cached_dataset(ts, tt, self.src_tokenizer, self.tgt_tokenizer, self.cache_dir, max_len=self.max_len)
+
     def setup(self, stage: str | None = None) -> None:
         if self.train_set is None:
             ts, tt, vs, vt = self.paths

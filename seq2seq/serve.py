@@ -47,7 +47,7 @@ from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from . import __version__
-from .batcher import Batcher
+from .batcher import Batcher, BatcherUnavailable
 from .files import InputError
 from .info import model_card
 from .search import NORMALISATIONS, SearchOptions
@@ -257,6 +257,7 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         415: {"description": "the body is not sent as JSON"},
         408: {"description": "timed out (limit timeout_s)"},
         413: {"description": "too large: limit max_sentences, max_chars or max_body_bytes"},
+        503: {"description": "the service is shutting down or its decoding worker stopped"},
         422: {"description": "invalid request, beam_size out of range (limit max_beam), or bad nbest"}})
     async def translate(req: TranslateRequest):
         if len(req.text) > settings.max_sentences:
@@ -272,7 +273,10 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         except ValueError as e:
             return _refusal(422, str(e))
         start = time.perf_counter()
-        future = batcher.submit(req.text, options, attention=req.attention)
+        try:
+            future = batcher.submit(req.text, options, attention=req.attention)
+        except BatcherUnavailable as e:
+            return _refusal(503, "service unavailable", detail=str(e))
         try:
             # on timeout wait_for cancels the wrapped future, which drops the sentences still queued
             hyps = await asyncio.wait_for(asyncio.wrap_future(future), settings.timeout_s)

@@ -3,7 +3,8 @@
 Lightning's own ThroughputMonitor counts samples and batches; translation people read
 speed in target tokens (non-padding, EOS included), the figure the benchmark and the
 peers' numbers use. This callback measures it over a sliding window of steps, wall
-clock from one batch's end to the next (so data loading and the optimiser count too).
+clock from one batch's end to the next (so data loading, the optimiser and periodic
+checkpoint saves count too; validation does not).
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ class TokensPerSecond(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last = time.perf_counter()  # validation and checkpointing between epochs don't count
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._last = time.perf_counter()  # a mid-epoch validation is not training time
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()

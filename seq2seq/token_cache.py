@@ -12,10 +12,12 @@ several processes (DDP) share one copy.
     CACHE_DIR/<key>/cache.json   what was read, kept and dropped; written last
 
 The key is a hash of everything the ids depend on: the bytes of both files, both
-tokenizer models, the length filter and this format's version. Changing the data or the
-tokenizer therefore selects a new entry; nothing stale is ever read. An entry is built
-in a temporary directory and renamed into place, so a run killed while building leaves
-no half-written entry behind.
+tokenizer models, the SentencePiece version, the length filter and this format's version
+(bump FORMAT_VERSION when the reading or filtering code changes). Changing the data or
+the tokenizer therefore selects a new entry; nothing stale is ever read. An entry is
+built in a temporary directory of its own and renamed into place, so a run killed while
+building leaves no half-written entry behind (only a `<key>.tmp-*` directory, which
+can be deleted), and two processes building the same entry at once both end with it.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 import time
 from collections.abc import Iterator
 from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
+import sentencepiece as spm
 
 from .data import ParallelDataset, TokenArray
 from .files import InputError, decode_lines
@@ -45,7 +49,8 @@ _MISSING = object()
 def cache_key(src_path: str | Path, tgt_path: str | Path, src_tok: Tokenizer, tgt_tok: Tokenizer, *,
               max_len: int | None, drop_empty: bool) -> str:
     """Hex digest of the files' bytes, the tokenizers and the filter settings."""
-    h = hashlib.sha256(f"seq2seq-token-cache/{FORMAT_VERSION}|max_len={max_len}|drop_empty={drop_empty}".encode())
+    h = hashlib.sha256(f"seq2seq-token-cache/{FORMAT_VERSION}|sentencepiece={spm.__version__}|"
+                       f"max_len={max_len}|drop_empty={drop_empty}".encode())
     for path in (src_path, tgt_path):
         h.update(b"|file|")
         with open(path, "rb") as f:
@@ -83,9 +88,8 @@ def build(src_path: str | Path, tgt_path: str | Path, src_tok: Tokenizer, tgt_to
           max_len: int | None, drop_empty: bool, chunk: int = 20_000) -> dict:
     """Write the cache entry `entry` (a directory); returns its summary (cache.json)."""
     src_path, tgt_path = Path(src_path), Path(tgt_path)
-    tmp = entry.with_name(f"{entry.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=entry.parent, prefix=f"{entry.name}.tmp-"))
     start = time.perf_counter()
     stats = {"pairs_read": 0, "dropped_empty": 0, "dropped_too_long": 0, "pairs": 0,
              "src_tokens": 0, "tgt_tokens": 0}
@@ -119,7 +123,10 @@ def build(src_path: str | Path, tgt_path: str | Path, src_tok: Tokenizer, tgt_to
             lens = np.concatenate(lengths[side]) if lengths[side] else np.zeros(0, np.int64)
             offsets = np.zeros(len(lens) + 1, dtype=np.int64)
             np.cumsum(lens, out=offsets[1:])
-            np.save(tmp / f"{side}.offsets.npy", offsets)
+            with open(tmp / f"{side}.offsets.npy", "wb") as out:
+                np.save(out, offsets)
+                out.flush()
+                os.fsync(out.fileno())
         stats["pairs"] = stats["pairs_read"] - stats["dropped_empty"] - stats["dropped_too_long"]
         if stats["pairs_read"] == 0:
             raise InputError(f"empty corpus: {src_path} and {tgt_path} have no lines")
@@ -128,7 +135,10 @@ def build(src_path: str | Path, tgt_path: str | Path, src_tok: Tokenizer, tgt_to
         summary = {"format_version": FORMAT_VERSION, "source": str(src_path), "target": str(tgt_path),
                    "max_len": max_len, "drop_empty": drop_empty, **stats,
                    "build_seconds": round(time.perf_counter() - start, 3)}
-        (tmp / "cache.json").write_text(json.dumps(summary, indent=2))
+        with open(tmp / "cache.json", "w") as out:
+            out.write(json.dumps(summary, indent=2))
+            out.flush()
+            os.fsync(out.fileno())
         try:
             tmp.rename(entry)
         except OSError:
@@ -148,16 +158,20 @@ def _map(path: Path, n_tokens: int) -> np.ndarray:
 
 
 def load(entry: Path) -> ParallelDataset:
-    """The dataset of a built entry, its ids memory-mapped (read-only)."""
-    summary = json.loads((entry / "cache.json").read_text())
-    sides = []
-    for side in ("src", "tgt"):
-        offsets = np.load(entry / f"{side}.offsets.npy")
-        n_tokens = int(summary[f"{side}_tokens"])
-        if len(offsets) != summary["pairs"] + 1 or int(offsets[-1]) != n_tokens or \
-                (entry / f"{side}.ids").stat().st_size != 4 * n_tokens:
-            raise InputError(f"token cache entry {entry} is inconsistent; delete it and run again")
-        sides.append(TokenArray(_map(entry / f"{side}.ids", n_tokens), offsets))
+    """The dataset of a built entry, ids and offsets memory-mapped (read-only)."""
+    broken = InputError(f"token cache entry {entry} is damaged or incomplete; delete it and run again")
+    try:
+        summary = json.loads((entry / "cache.json").read_text())
+        sides = []
+        for side in ("src", "tgt"):
+            offsets = np.load(entry / f"{side}.offsets.npy", mmap_mode="r")
+            n_tokens = int(summary[f"{side}_tokens"])
+            if len(offsets) != summary["pairs"] + 1 or int(offsets[-1]) != n_tokens or \
+                    (entry / f"{side}.ids").stat().st_size != 4 * n_tokens:
+                raise broken
+            sides.append(TokenArray(_map(entry / f"{side}.ids", n_tokens), offsets))
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable, truncated or garbled files
+        raise broken from None
     return ParallelDataset(*sides)
 
 
@@ -168,6 +182,8 @@ def cached_dataset(src_path: str | Path, tgt_path: str | Path, src_tok: Tokenize
     Equal, pair for pair, to `ParallelDataset.from_files` with the same arguments.
     """
     for p in (src_path, tgt_path):
+        if Path(p).is_dir():
+            raise InputError(f"expected a file, got a directory: {p}")
         if not Path(p).is_file():
             raise InputError(f"file not found: {p}")
     entry = Path(cache_dir) / cache_key(src_path, tgt_path, src_tok, tgt_tok, max_len=max_len,

@@ -12,6 +12,7 @@ import importlib.util
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -71,6 +72,12 @@ def check_config(cfg: DictConfig) -> ModelConfig:
         if importlib.util.find_spec("tensorboard") is None:
             raise InputError("logger=tensorboard needs the tensorboard package: "
                              "pip install 'seq2seq[tensorboard]' (or use logger=csv)")
+    keep, avg = int(cfg.train.keep_last_epochs), int(cfg.evaluate.average_last)
+    if keep < 0 or avg < 0:
+        raise InputError(f"train.keep_last_epochs and evaluate.average_last must be >= 0, got {keep} and {avg}")
+    if avg > keep:
+        raise InputError(f"evaluate.average_last={avg} needs at least that many epoch checkpoints: "
+                         f"set train.keep_last_epochs >= {avg} (it is {keep})")
     if cfg.train.batch_size < 1:
         raise InputError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     return model_config
@@ -130,9 +137,28 @@ def epoch_checkpoints(cfg: DictConfig, ckpt_dir: Path) -> list[ModelCheckpoint]:
     keep = int(cfg.train.keep_last_epochs)
     if keep <= 0:
         return []
+    # monitor "step", mode "max": the newest `keep` survive; saved at each epoch's end only,
+    # so a mid-epoch validation (val_check_interval) never overwrites an epoch's file
     return [ModelCheckpoint(dirpath=ckpt_dir / "epochs", filename="epoch{epoch:03d}", monitor="step", mode="max",
-                            save_top_k=keep, every_n_epochs=1, auto_insert_metric_name=False,
-                            enable_version_counter=False)]
+                            save_top_k=keep, every_n_epochs=1, save_on_train_epoch_end=True,
+                            auto_insert_metric_name=False, enable_version_counter=False)]
+
+
+def clear_previous_outputs(run_dir: Path) -> None:
+    """A run that starts over (no resume) must not average or export an earlier run's files."""
+    stale = [run_dir / "checkpoints" / "epochs", run_dir / "model.best.pt", run_dir / "model.avg.pt"]
+    for path in stale:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        log.info("starting over: removed %s from an earlier run", path)
+
+
+def _epoch_number(path: Path) -> int:
+    return int(path.stem.removeprefix("epoch"))
 
 
 def valid_bleu(cfg: DictConfig, model_path: Path) -> float:
@@ -150,7 +176,7 @@ def select_average(cfg: DictConfig, best_pt: Path, epochs_dir: Path, run_dir: Pa
     validation split (greedy BLEU), never on the test split. The chosen model is
     copied to model.pt; both candidates stay as model.best.pt and model.avg.pt.
     """
-    found = sorted(epochs_dir.glob("epoch*.ckpt")) if epochs_dir.is_dir() else []
+    found = sorted(epochs_dir.glob("epoch[0-9]*.ckpt"), key=_epoch_number) if epochs_dir.is_dir() else []
     paths = found[-int(cfg.evaluate.average_last):]
     if len(paths) < 2:
         log.info("averaging: %d epoch checkpoint(s) in %s; keeping the best checkpoint", len(paths), epochs_dir)
@@ -198,6 +224,8 @@ def train(cfg: DictConfig) -> dict:
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     resume = find_resume(cfg, run_dir)
+    if resume is None:
+        clear_previous_outputs(run_dir)
     src_tok, tgt_tok = build_tokenizers(cfg, resume)
     model_cfg.src_vocab_size, model_cfg.tgt_vocab_size = len(src_tok), len(tgt_tok)
     ModelConfig.from_dict(model_cfg.to_dict())  # re-validate with the real vocabulary sizes

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from seq2seq.batcher import Batcher
+from seq2seq.batcher import Batcher, BatcherUnavailable
 from seq2seq.search import SearchOptions
 from seq2seq.serve import ServeSettings, create_app, main
 from seq2seq.translate import Translator
@@ -252,6 +252,17 @@ def test_batcher_refuses_what_it_cannot_serve_faithfully(translator):
         Batcher(translator, max_batch_sentences=0)
     blank = Batcher(translator).submit(["", " "], SearchOptions())   # never started: blanks need no model
     assert [h[0].text for h in blank.result(timeout=1)] == ["", ""]
+
+
+def test_a_stopped_batcher_refuses_at_once_and_the_api_answers_503(model_path, translator, sentences):
+    with pytest.raises(BatcherUnavailable, match="worker is not running"):
+        Batcher(translator).submit(sentences[:1], SearchOptions())      # never started
+    with TestClient(create_app(model_path, LIMITS)) as c:
+        c.app.state.batcher.close()                                      # the worker is gone
+        r = c.post("/translate", json={"text": sentences[:2]})
+        assert r.status_code == 503, r.text
+        assert r.json() == {"error": "service unavailable", "detail": "the batcher is closing"}
+        assert c.get("/health").status_code == 503
 
 
 # ---- the command line ------------------------------------------------------------------------

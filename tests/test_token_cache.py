@@ -59,11 +59,54 @@ def test_changed_data_tokenizer_or_filter_selects_a_new_entry(corpus, tok, toy_d
     other_tok = train_tokenizer([toy_data / "train.src", toy_data / "train.tgt"], 60, model_type="word")
     assert cache_key(src, tgt, other_tok, tok, max_len=12, drop_empty=True) != key
     assert cache_key(src, tgt, tok, tok, max_len=13, drop_empty=True) != key
-    tgt.write_text(tgt.read_text().replace("\n", " \n", 1))  # one changed byte-for-byte line
+    before = cached_dataset(src, tgt, tok, tok, tmp_path / "cache", max_len=12)
+    lines = tgt.read_text().splitlines()
+    lines[0] = " ".join(reversed(lines[0].split()))   # one target sentence changes its words
+    tgt.write_text("\n".join(lines) + "\n")
     assert cache_key(src, tgt, tok, tok, max_len=12, drop_empty=True) != key
-    cached_dataset(src, tgt, tok, tok, tmp_path / "cache", max_len=12)
-    assert cached_dataset(src, tgt, tok, tok, tmp_path / "cache", max_len=12)[299][2].tolist() == \
-        ParallelDataset.from_files(src, tgt, tok, tok, max_len=12)[299][2].tolist()
+    after = cached_dataset(src, tgt, tok, tok, tmp_path / "cache", max_len=12)
+    assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
+    assert after[0][2].tolist() == list(reversed(before[0][2].tolist())) != before[0][2].tolist()
+    assert _pairs(after) == _pairs(ParallelDataset.from_files(src, tgt, tok, tok, max_len=12))
+
+
+@pytest.mark.parametrize("max_len,drop_empty", [(None, False), (5, True)])
+def test_awkward_files_in_many_chunks_equal_in_memory_reading(tmp_path, tok, toy_data, max_len, drop_empty, caplog):
+    """CRLF endings, invalid UTF-8, whitespace-only lines, no final newline; chunks of 7 lines."""
+    src = (toy_data / "train.src").read_text().splitlines()[:60]
+    tgt = (toy_data / "train.tgt").read_text().splitlines()[:60]
+    src[3], tgt[10], src[20] = "   ", "", src[20] + " " + src[21]
+    s, t = tmp_path / "a.src", tmp_path / "a.tgt"
+    s.write_bytes("\r\n".join(src).encode().replace(b"\r\n", b"\xff\xfe\r\n", 1) + b"\r\n")
+    t.write_bytes("\n".join(tgt).encode())   # no newline at the end
+    entry = tmp_path / "cache" / "e"
+    with caplog.at_level(logging.WARNING):
+        token_cache.build(s, t, tok, tok, entry, max_len=max_len, drop_empty=drop_empty, chunk=7)
+    assert f"{s}:1: invalid UTF-8" in caplog.text
+    expected = ParallelDataset.from_files(s, t, tok, tok, max_len=max_len, drop_empty=drop_empty)
+    assert _pairs(token_cache.load(entry)) == _pairs(expected)
+
+
+def test_memory_mapped_corpus_travels_to_workers_as_a_file_reference(corpus, tok, tmp_path):
+    import pickle
+
+    ds = cached_dataset(*corpus, tok, tok, tmp_path / "cache", max_len=12)
+    blob = pickle.dumps(ds)
+    assert len(blob) < 2000 < ds.src.data.nbytes + ds.tgt.data.nbytes   # references, not the ids
+    again = pickle.loads(blob)
+    assert isinstance(again.src.data, np.memmap) and _pairs(again) == _pairs(ds)
+
+
+def test_a_damaged_entry_names_itself(corpus, tok, tmp_path):
+    cached_dataset(*corpus, tok, tok, tmp_path / "cache", max_len=12)
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if p.is_dir()]
+    with open(entry / "tgt.ids", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(InputError, match=f"token cache entry {entry} is damaged"):
+        cached_dataset(*corpus, tok, tok, tmp_path / "cache", max_len=12)
+    (entry / "cache.json").write_text("")
+    with pytest.raises(InputError, match=f"token cache entry {entry} is damaged"):
+        cached_dataset(*corpus, tok, tok, tmp_path / "cache", max_len=12)
 
 
 def test_unequal_line_counts_name_both_files_and_counts(corpus, tok, tmp_path):

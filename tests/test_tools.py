@@ -256,6 +256,7 @@ def test_benchmark_json_covers_training_and_the_scale_section(toy_run, tmp_path)
         assert r["tokenizer"]["sample"] == 500 and r["tokenizer"]["vocab_size"] > 4
         assert r["train"]["steps"] == 2 and r["train"]["peak_rss_mb"] > 0
         assert 0 < r["train"]["time_to_first_step_s"] <= r["train"]["seconds"] + 60
-    # the larger corpus' cache was built once and found again by the training process
+    # the larger corpus' cache was built once, then found again (not rebuilt) by training
     assert len(list((tmp_path / "scale" / "pairs-3000" / "cache").iterdir())) == 1
+    assert runs[1]["reuse_open_s"] < runs[1]["prepare"]["seconds"]
     assert report["scale"]["train_rss_ratio"] > 0

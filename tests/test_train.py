@@ -30,6 +30,7 @@ def test_run_directory_holds_everything(toy_run):
     ("model.attention=luong_dott", "choose one of: bahdanau, dot, general"),
     ("model.bridge=magic", "choose one of: dense, zeros"),
     ("optim.scheduler=cosine", "choose one of: plateau, none"),
+    ("evaluate.average_last=4", "set train.keep_last_epochs >= 4 (it is 0)"),
 ])
 def test_config_mistakes_fail_before_any_work(override, expected, tmp_path):
     proc = run_cli(["seq2seq-train", "experiment=toy", override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
@@ -188,27 +189,42 @@ def test_tensorboard_logger_writes_loss_and_validation_bleu(tmp_path, toy_data, 
 
 
 def test_epoch_checkpoints_are_averaged_and_validation_chooses_model_pt(tmp_path, toy_data, monkeypatch):
-    """keep_last_epochs keeps the newest N; average_last averages them; model.pt is the better on valid."""
+    """keep_last_epochs keeps the newest N; average_last averages them; validation picks model.pt.
+
+    An earlier run's epoch checkpoint in the same directory must not be averaged when the
+    run starts over, and the choice must be scored on the validation split.
+    """
     import json
 
+    import seq2seq.train as train_module
     from seq2seq.average import latest_checkpoints
-    from seq2seq.train import train
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
+    (run / "checkpoints" / "epochs").mkdir(parents=True)
+    (run / "checkpoints" / "epochs" / "epoch099.ckpt").write_bytes(b"an earlier run's file")
+    (run / "model.avg.pt").write_bytes(b"an earlier run's average")
+    scored = []
+
+    def fake_valid_bleu(cfg, model_path):
+        scored.append((model_path.name, train_module.split_paths(cfg, "valid")[0].name))
+        return 60.0 if model_path.name == "model.avg.pt" else 50.0   # the average wins
+
+    monkeypatch.setattr(train_module, "valid_bleu", fake_valid_bleu)
     cfg = _compose(["experiment=toy", f"data.dir={toy_data}", "trainer.max_epochs=4", "model.embedding_size=16",
                     "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[24]",
                     "train.keep_last_epochs=3", "evaluate.average_last=3", f"hydra.run.dir={run}"])
     cfg.paths.output_dir = str(run)
-    summary = train(cfg)
+    summary = train_module.train(cfg)
     kept = sorted(p.name for p in (run / "checkpoints" / "epochs").iterdir())
     assert kept == ["epoch001.ckpt", "epoch002.ckpt", "epoch003.ckpt"]
+    assert sorted(scored) == [("model.avg.pt", "valid.src"), ("model.best.pt", "valid.src")]
     sel = summary["selection"]
-    assert sel["averaged"] == kept
-    scores = sel["valid_bleu_greedy"]
-    assert sel["chosen"] == ("average" if scores["average"] > scores["best"] else "best")
-    chosen_file = run / ("model.avg.pt" if sel["chosen"] == "average" else "model.best.pt")
-    assert (run / "model.pt").read_bytes() == chosen_file.read_bytes()
+    assert sel["averaged"] == kept and sel["chosen"] == "average"
+    assert sel["valid_bleu_greedy"] == {"best": 50.0, "average": 60.0}
+    avg = (run / "model.avg.pt").read_bytes()
+    assert avg != b"an earlier run's average" and (run / "model.pt").read_bytes() == avg
+    assert (run / "model.best.pt").read_bytes() != avg
     assert json.loads((run / "results.json").read_text())["selection"] == sel
     # seq2seq-average --last N takes the epoch checkpoints, newest last
     assert [p.name for p in latest_checkpoints(run, 2)] == ["epoch002.ckpt", "epoch003.ckpt"]
