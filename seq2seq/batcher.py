@@ -10,9 +10,11 @@ A request's sentences join one queue. The worker thread takes the oldest sentenc
 waits until `max_wait_ms` after it arrived (or until `max_batch_sentences` sentences
 with the same search options are queued), then decodes those sentences together with
 one `Translator.translate_hypotheses` call. Sentences with other options stay queued,
-in order, for a later batch: a batch never mixes beam sizes or penalties. Because a
-sentence decodes to the same hypotheses alone or in any batch, a request's result is
-the one `translate_hypotheses` gives for its sentences offline.
+in order, for a later batch: a batch never mixes beam sizes or penalties. Padding is
+masked, so a sentence's hypotheses do not depend on its batch neighbours and a request's
+result is the one `translate_hypotheses` gives for its sentences offline (up to the
+last bits of floating-point sums, which can vary with the batch shape; the tests check
+that translations and scores match).
 
 Only the worker thread touches the model: torch modules are not safe to run from
 several threads at once, and one batch at a time is also what keeps a CPU busy without

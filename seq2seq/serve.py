@@ -67,6 +67,7 @@ class ServeSettings:
     max_body_bytes: int = 1_000_000  # per request body
     timeout_s: float = 30.0         # per request, queueing included
     max_beam: int = 16              # beam_size must be in 1..max_beam
+    max_queued: int = 4096          # sentences waiting to be decoded; beyond: 503, try again later
 
     def __post_init__(self):
         for name, value in asdict(self).items():
@@ -273,6 +274,11 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         except ValueError as e:
             return _refusal(422, str(e))
         start = time.perf_counter()
+        if batcher.pending + len(req.text) > settings.max_queued:
+            # overloaded: refuse now rather than let every request wait for its timeout
+            refusal = _limit(503, "too many sentences waiting", "max_queued", settings.max_queued)
+            refusal.headers["Retry-After"] = "1"
+            return refusal
         try:
             future = batcher.submit(req.text, options, attention=req.attention)
         except BatcherUnavailable as e:
@@ -335,6 +341,8 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--timeout", type=float, default=d.timeout_s,
                    help=f"seconds per request, waiting included (default: {d.timeout_s:g})")
     g.add_argument("--max-beam", type=int, default=d.max_beam, help=f"largest beam_size (default: {d.max_beam})")
+    g.add_argument("--max-queued", type=int, default=d.max_queued,
+                   help=f"sentences waiting for decoding, all requests together; beyond, 503 (default: {d.max_queued})")
     p.add_argument("--graceful-timeout", type=int, default=30,
                    help="on SIGTERM/Ctrl+C, seconds to let in-flight requests finish (default: 30)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
@@ -346,7 +354,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
         return ServeSettings(
             max_batch_sentences=args.max_batch_sentences, batch_wait_ms=args.batch_wait_ms,
             max_sentences=args.max_sentences, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
-            timeout_s=args.timeout, max_beam=args.max_beam)
+            timeout_s=args.timeout, max_beam=args.max_beam, max_queued=args.max_queued)
     except SettingError as e:
         flag = "--" + e.name.removesuffix("_s").replace("_", "-")   # timeout_s is --timeout
         raise InputError(f"{flag} {str(e).removeprefix(e.name + ' ')}") from None

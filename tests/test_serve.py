@@ -337,3 +337,17 @@ def test_load_test_refuses_a_non_loopback_server():
                           capture_output=True, timeout=60)
     assert proc.returncode == 2
     assert "refusing http://192.0.2.1:8000: the load test only targets this machine" in proc.stderr.decode()
+
+
+def test_an_overloaded_queue_answers_503_with_retry_after(model_path, sentences):
+    settings = ServeSettings(max_batch_sentences=16, batch_wait_ms=1500, max_queued=3)
+    with TestClient(create_app(model_path, settings)) as c, ThreadPoolExecutor(1) as pool:
+        first = pool.submit(c.post, "/translate", json={"text": sentences[:2]})   # waits 1.5 s for company
+        deadline = time.monotonic() + 5
+        while c.app.state.batcher.pending < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        r = c.post("/translate", json={"text": sentences[2:4]})
+        assert r.status_code == 503 and r.headers["retry-after"] == "1"
+        assert r.json() == {"error": "too many sentences waiting", "limit": "max_queued", "value": 3}
+        assert first.result(timeout=30).status_code == 200
+        assert c.post("/translate", json={"text": sentences[2:4]}).status_code == 200
