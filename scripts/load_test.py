@@ -10,7 +10,7 @@ Two phases, one after the other, so they never compete for the CPU:
 1. offline: `Translator.translate_hypotheses` in this process over the first
    --offline-sentences lines of --sentences, with the server's checkpoint (from its
    /info, or --checkpoint), the same beam size and the server's batch size
-   (max_batch_sentences), after a short warm-up. The server sits idle meanwhile.
+   (max_batch_sentences; --offline-batch-size to choose), after a short warm-up. The server sits idle meanwhile.
 2. load: --clients concurrent clients (asyncio + httpx), each sending one sentence per
    request, cycling through --sentences, until --duration seconds have passed or
    --max-requests requests have been sent, after one warm-up request. Each request's
@@ -71,11 +71,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"one sentence per line (default: {DEFAULT_SENTENCES})")
     p.add_argument("--offline-sentences", type=int, default=1000,
                    help="sentences translated offline for the baseline (default: 1000; 0 = no baseline)")
+    p.add_argument("--offline-batch-size", type=int, default=None,
+                   help="batch size of the offline baseline (default: the server's max_batch_sentences)")
     p.add_argument("--request-timeout", type=float, default=120.0, help="client-side seconds per request")
     args = p.parse_args(argv)
     for name in ("clients", "duration", "max_requests", "beam_size", "request_timeout"):
         if getattr(args, name) <= 0:
             raise LoadTestError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    if args.offline_batch_size is not None and args.offline_batch_size < 1:
+        raise LoadTestError(f"--offline-batch-size must be >= 1, got {args.offline_batch_size}")
     if args.offline_sentences < 0:
         raise LoadTestError(f"--offline-sentences must be >= 0, got {args.offline_sentences}")
     return args
@@ -222,7 +226,8 @@ def run(args: argparse.Namespace) -> dict:
         if not checkpoint:
             raise LoadTestError("the server's /info names no checkpoint: give --checkpoint for the offline baseline")
         baseline = list(itertools.islice(itertools.cycle(sentences), args.offline_sentences))
-        offline = offline_throughput(checkpoint, baseline, args.beam_size, service.get("max_batch_sentences", 64))
+        batch_size = args.offline_batch_size or service.get("max_batch_sentences", 64)
+        offline = offline_throughput(checkpoint, baseline, args.beam_size, batch_size)
     load = summarise(asyncio.run(run_clients(url, sentences, args.clients, args.duration, args.max_requests,
                                              args.beam_size, args.request_timeout)))
     ratio = (load["sentences_per_s"] / offline["sentences_per_s"]
