@@ -146,7 +146,8 @@ def epoch_checkpoints(cfg: DictConfig, ckpt_dir: Path) -> list[ModelCheckpoint]:
 
 def clear_previous_outputs(run_dir: Path) -> None:
     """A run that starts over (no resume) must not average or export an earlier run's files."""
-    stale = [run_dir / "checkpoints" / "epochs", run_dir / "model.best.pt", run_dir / "model.avg.pt"]
+    stale = [run_dir / "checkpoints" / "epochs", run_dir / "model.best.pt", run_dir / "model.avg.pt",
+             run_dir / "logs" / "metrics.csv"]   # the CSV logger continues this file on resume
     for path in stale:
         if path.is_dir():
             shutil.rmtree(path)

@@ -204,6 +204,8 @@ def test_epoch_checkpoints_are_averaged_and_validation_chooses_model_pt(tmp_path
     (run / "checkpoints" / "epochs").mkdir(parents=True)
     (run / "checkpoints" / "epochs" / "epoch099.ckpt").write_bytes(b"an earlier run's file")
     (run / "model.avg.pt").write_bytes(b"an earlier run's average")
+    (run / "logs").mkdir()
+    (run / "logs" / "metrics.csv").write_text("earlier,run\n1,2\n")
     scored = []
 
     def fake_valid_bleu(cfg, model_path):
@@ -226,5 +228,22 @@ def test_epoch_checkpoints_are_averaged_and_validation_chooses_model_pt(tmp_path
     assert avg != b"an earlier run's average" and (run / "model.pt").read_bytes() == avg
     assert (run / "model.best.pt").read_bytes() != avg
     assert json.loads((run / "results.json").read_text())["selection"] == sel
+    assert "earlier" not in (run / "logs" / "metrics.csv").read_text()
     # seq2seq-average --last N takes the epoch checkpoints, newest last
     assert [p.name for p in latest_checkpoints(run, 2)] == ["epoch002.ckpt", "epoch003.ckpt"]
+
+
+def test_csv_metrics_of_a_resumed_run_keep_the_rows_from_before(tmp_path):
+    """A resumed process continues logs/metrics.csv (Lightning's CSVLogger would delete it)."""
+    import csv
+
+    from seq2seq.csv_log import ResumableCSVLogger
+
+    first = ResumableCSVLogger(save_dir=str(tmp_path), name="logs", version="")
+    first.log_metrics({"train/loss": 3.0}, step=10)
+    first.save()
+    resumed = ResumableCSVLogger(save_dir=str(tmp_path), name="logs", version="")   # a new process
+    resumed.log_metrics({"train/loss": 2.0, "val/bleu": 12.5}, step=20)
+    resumed.save()
+    rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
+    assert [(r["step"], r["train/loss"], r["val/bleu"]) for r in rows] == [("10", "3.0", ""), ("20", "2.0", "12.5")]
