@@ -67,22 +67,27 @@ class TranslationDataModule(L.LightningDataModule):
         self.valid_set: ParallelDataset | None = None
         self.train_sampler: BucketBatchSampler | None = None
 
+    def _cached_train_set(self) -> ParallelDataset:
+        ts, tt, _, _ = self.paths
+        return cached_dataset(ts, tt, self.src_tokenizer, self.tgt_tokenizer, self.cache_dir, max_len=self.max_len)
+
     def prepare_data(self) -> None:
         # Lightning runs this in one process per machine before `setup` on every rank:
-        # a large corpus is tokenized once, not once per rank
-        if self.cache_dir is not None:
-            ts, tt, _, _ = self.paths
-            cached_dataset(ts, tt, self.src_tokenizer, self.tgt_tokenizer, self.cache_dir, max_len=self.max_len)
+        # a large corpus is tokenized once, not once per rank. This process keeps the
+        # (memory-mapped) result, so its `setup` does not hash the corpus a second time;
+        # the other ranks find the cache entry in theirs.
+        if self.cache_dir is not None and self.train_set is None:
+            self.train_set = self._cached_train_set()
 
     def setup(self, stage: str | None = None) -> None:
+        ts, tt, vs, vt = self.paths
         if self.train_set is None:
-            ts, tt, vs, vt = self.paths
             if self.cache_dir is not None:
-                self.train_set = cached_dataset(ts, tt, self.src_tokenizer, self.tgt_tokenizer, self.cache_dir,
-                                                max_len=self.max_len)
+                self.train_set = self._cached_train_set()
             else:
                 self.train_set = ParallelDataset.from_files(ts, tt, self.src_tokenizer, self.tgt_tokenizer,
                                                             max_len=self.max_len)
+        if self.valid_set is None:
             # validation is never filtered: BLEU is over every reference line
             self.valid_set = ParallelDataset.from_files(vs, vt, self.src_tokenizer, self.tgt_tokenizer,
                                                         max_len=None, drop_empty=False)

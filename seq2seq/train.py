@@ -170,18 +170,19 @@ def valid_bleu(cfg: DictConfig, model_path: Path) -> float:
     return corpus_scores(hyps, read_lines(ref_path)).bleu
 
 
-def select_average(cfg: DictConfig, best_pt: Path, epochs_dir: Path, run_dir: Path) -> tuple[Path, dict]:
+def select_average(cfg: DictConfig, best_pt: Path, epochs_dir: Path, run_dir: Path) -> dict:
     """Average the last `evaluate.average_last` epoch checkpoints; keep it if validation says so.
 
     The choice between the best single checkpoint and the average is made on the
     validation split (greedy BLEU), never on the test split. The chosen model is
-    copied to model.pt; both candidates stay as model.best.pt and model.avg.pt.
+    copied to `best_pt` (model.pt); both candidates stay as model.best.pt and model.avg.pt.
+    Returns what was chosen and why (results.json's "selection").
     """
     found = sorted(epochs_dir.glob("epoch[0-9]*.ckpt"), key=_epoch_number) if epochs_dir.is_dir() else []
     paths = found[-int(cfg.evaluate.average_last):]
     if len(paths) < 2:
         log.info("averaging: %d epoch checkpoint(s) in %s; keeping the best checkpoint", len(paths), epochs_dir)
-        return best_pt, {"chosen": "best", "reason": f"{len(paths)} epoch checkpoint(s) to average"}
+        return {"chosen": "best", "reason": f"{len(paths)} epoch checkpoint(s) to average"}
     best_copy = run_dir / "model.best.pt"
     with atomic_write(best_copy, "wb") as f:
         f.write(best_pt.read_bytes())
@@ -193,7 +194,7 @@ def select_average(cfg: DictConfig, best_pt: Path, epochs_dir: Path, run_dir: Pa
             f.write(avg_pt.read_bytes())
     log.info("validation BLEU (greedy): best checkpoint %.2f, average of %d %.2f -> model.pt is the %s",
              scores["best"], len(paths), scores["average"], chosen)
-    return best_pt, {"chosen": chosen, "valid_bleu_greedy": scores, "averaged": [p.name for p in paths]}
+    return {"chosen": chosen, "valid_bleu_greedy": scores, "averaged": [p.name for p in paths]}
 
 
 def evaluate_test(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> dict | None:
@@ -280,7 +281,7 @@ def train(cfg: DictConfig) -> dict:
         model_pt = save_model(run_dir / "model.pt", module.model, src_tok, tgt_tok, info["config"],
                               info["meta"], state_dict=ckpt["state_dict"])
         if cfg.evaluate.average_last > 0:
-            model_pt, summary["selection"] = select_average(cfg, model_pt, ckpt_dir / "epochs", run_dir)
+            summary["selection"] = select_average(cfg, model_pt, ckpt_dir / "epochs", run_dir)
         summary["model"] = str(model_pt)
         summary["test"] = evaluate_test(cfg, model_pt, run_dir)
     with atomic_write(run_dir / "results.json") as f:
