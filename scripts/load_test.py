@@ -27,7 +27,11 @@ Output: a short table on stderr, and as the last line of stdout one JSON object:
     load               {requests, sentences, errors, errors_by_kind ({"HTTP 408": 3,
                        "ReadTimeout": 1, ...}), seconds (wall time of the load phase),
                        sentences_per_s (answered sentences / seconds), latency_ms
-                       {p50, p95, p99, mean, max} over answered requests}
+                       {p50, p95, p99, mean, max} over answered requests, decoder
+                       {steps, sentences, mean_batch_sentences, busy_fraction}: the
+                       server's /health totals before and after, or null without them;
+                       client_cpu_fraction: this process's CPU time / wall time, i.e. the
+                       share of a core the clients took from the machine}
     offline            {checkpoint, sentences, batch_size, seconds, sentences_per_s},
                        or null with --offline-sentences 0
     served_over_offline  load.sentences_per_s / offline.sentences_per_s (null without offline)
@@ -120,6 +124,27 @@ def server_info(url: str) -> dict:
     return r.json()
 
 
+def server_health(url: str) -> dict:
+    """The server's /health (its decoder totals), or {} if it does not report them."""
+    try:
+        return httpx.get(f"{url}/health", timeout=30, trust_env=False).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+def decoder_during(before: dict, after: dict) -> dict | None:
+    """What the server's decoder did between two /health answers: steps, sentences, the
+    mean number of sentences per decoder step, and the fraction of the time it was busy."""
+    a, b = before.get("decoder"), after.get("decoder")
+    if not a or not b:
+        return None
+    steps = b["steps"] - a["steps"]
+    wall = b["uptime_s"] - a["uptime_s"]
+    return {"steps": steps, "sentences": b["sentences"] - a["sentences"],
+            "mean_batch_sentences": (b["sentence_steps"] - a["sentence_steps"]) / steps if steps else None,
+            "busy_fraction": (b["busy_s"] - a["busy_s"]) / wall if wall > 0 else None}
+
+
 def offline_throughput(checkpoint: str, sentences: list[str], beam_size: int, batch_size: int) -> dict:
     """Sentences per second of batch translation in this process (torch imported only here)."""
     from seq2seq.search import SearchOptions
@@ -210,6 +235,10 @@ def table(result: dict) -> str:
         ("offline", "not measured" if off is None else
          f"{off['sentences']} sentences in {off['seconds']:.1f} s: {off['sentences_per_s']:.2f} sentences/s "
          f"(batch {off['batch_size']})"),
+        ("clients' CPU", f"{_fmt(100 * (load.get('client_cpu_fraction') or 0))}% of one core"),
+        ("decoder", "not reported" if not load.get("decoder") else
+         f"{load['decoder']['steps']} steps, {_fmt(load['decoder']['mean_batch_sentences'])} sentences per step, "
+         f"busy {_fmt(100 * (load['decoder']['busy_fraction'] or 0))}% of the time"),
         ("served/offline", _fmt(result["served_over_offline"], 3)),
     ]
     return "\n".join(f"{label:<15} {value}" for label, value in rows)
@@ -228,8 +257,12 @@ def run(args: argparse.Namespace) -> dict:
         baseline = list(itertools.islice(itertools.cycle(sentences), args.offline_sentences))
         batch_size = args.offline_batch_size or service.get("max_batch_sentences", 64)
         offline = offline_throughput(checkpoint, baseline, args.beam_size, batch_size)
+    before, cpu = server_health(url), time.process_time()
     load = summarise(asyncio.run(run_clients(url, sentences, args.clients, args.duration, args.max_requests,
                                              args.beam_size, args.request_timeout)))
+    # the clients share the machine with the server: how much of a core they took
+    load["client_cpu_fraction"] = (time.process_time() - cpu) / load["seconds"] if load["seconds"] > 0 else None
+    load["decoder"] = decoder_during(before, server_health(url))
     ratio = (load["sentences_per_s"] / offline["sentences_per_s"]
              if offline and load["sentences_per_s"] is not None else None)
     return {"schema": "seq2seq-load-test/1", "url": url, "clients": args.clients, "beam_size": args.beam_size,

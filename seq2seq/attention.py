@@ -117,3 +117,23 @@ class Memory(NamedTuple):
         """Rows `index` (e.g. to expand for beams or retire finished sentences)."""
         return Memory(self.values.index_select(0, index), self.keys.index_select(0, index),
                       self.mask.index_select(0, index))
+
+    def cat(self, other: Memory) -> Memory:
+        """These rows, then other's: the shorter source is padded (and masked) to the longer."""
+        width = max(self.mask.size(1), other.mask.size(1))
+        return Memory(*(torch.cat([pad_source(a, width), pad_source(b, width)]) for a, b in zip(self, other)))
+
+    def crop_source(self, width: int) -> Memory:
+        """Only the first `width` source positions (those past every row's length are padding)."""
+        return Memory(self.values[:, :width].contiguous(), self.keys[:, :width].contiguous(),
+                      self.mask[:, :width].contiguous())
+
+
+def pad_source(x: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
+    """x with zeros (False in a mask) appended along the source dimension `dim` up to `width`."""
+    missing = width - x.size(dim)
+    if missing <= 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = missing
+    return torch.cat([x, x.new_zeros(shape)], dim=dim)

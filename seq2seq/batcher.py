@@ -6,20 +6,26 @@
     future.result()      # one list of Translations per sentence, as translate_hypotheses gives
     batcher.close()      # finishes what is queued, then stops the thread
 
-A request's sentences join one queue. The worker thread takes the oldest sentence,
-waits until `max_wait_ms` after it arrived (or until `max_batch_sentences` sentences
-with the same search options are queued), then decodes those sentences together with
-one `Translator.translate_hypotheses` call. Sentences with other options stay queued,
-in order, for a later batch: a batch never mixes beam sizes or penalties. Padding is
-masked, so a sentence's hypotheses do not depend on its batch neighbours and a request's
-result is the one `translate_hypotheses` gives for its sentences offline (up to the
-last bits of floating-point sums, which can vary with the batch shape; the tests check
-that translations and scores match).
+Continuous batching: the worker thread keeps one `TranslationStream` (a beam search
+that sentences join and leave between decoder steps, translate.py) per set of search
+options in flight, and steps them in turn. When nothing is in flight, the oldest
+queued sentence waits until `max_wait_ms` after it arrived (or until
+`max_batch_sentences` sentences are queued), so that a burst starts together. While
+sentences are in flight, queued ones join their options' stream before the next step,
+oldest first, up to `max_batch_sentences` in flight in all; each sentence's answer
+goes out at the step it finishes. Nobody waits for the longest sentence of a batch,
+the decoder never idles while work is queued, and no options starve others. A
+stream never mixes beam sizes or penalties (the first sentence of a request that
+asks for attention goes to a stream that keeps it). Padding is masked, so a
+request's result is the one `translate_hypotheses` gives for its sentences offline
+(up to the last bits of floating-point sums, which can vary with the batch shape;
+the tests check that translations and scores match).
 
 Only the worker thread touches the model: torch modules are not safe to run from
-several threads at once, and one batch at a time is also what keeps a CPU busy without
-oversubscribing it. Callers wait on a `concurrent.futures.Future` (from asyncio:
-`asyncio.wrap_future`); cancelling it drops the request's sentences not yet decoded.
+several threads at once, and one step at a time is also what keeps a CPU busy
+without oversubscribing it. Callers wait on a `concurrent.futures.Future` (from
+asyncio: `asyncio.wrap_future`); cancelling it drops the request's sentences, queued
+or in flight.
 """
 
 from __future__ import annotations
@@ -33,7 +39,7 @@ from dataclasses import astuple, dataclass, field
 from typing import Protocol
 
 from .search import SearchOptions
-from .translate import Translation
+from .translate import Translation, TranslationStream
 
 log = logging.getLogger(__name__)
 
@@ -42,18 +48,33 @@ class BatcherUnavailable(RuntimeError):
     """The batcher is closing, or its worker thread is not running: nothing would decode."""
 
 
-class TranslatesBatches(Protocol):
-    def translate_hypotheses(self, lines: list[str], options: SearchOptions | None = None, *,
-                             batch_size: int = 64, return_attention: bool = False) -> list[list[Translation]]: ...
+class Streams(Protocol):
+    def stream(self, options: SearchOptions, *, return_attention: bool = False) -> TranslationStream: ...
 
 
 @dataclass
 class BatchRecord:
-    """What one decoding call held: for tests, /health and tuning the window."""
+    """Sentences that joined the decoder together (a stream's first batch, or later joiners)."""
 
     sentences: int
     requests: int
-    seconds: float
+    live_after: int               # sentences in flight once they joined
+
+
+@dataclass
+class DecoderStats:
+    """Totals since the batcher started: what /health reports and the load test reads."""
+
+    sentences: int = 0            # sentences answered by the model
+    steps: int = 0                # decoder steps
+    sentence_steps: int = 0       # sum over steps of the sentences in flight: / steps = mean batch
+    busy_s: float = 0.0           # seconds spent encoding and stepping
+    started: float = field(default_factory=time.monotonic)
+
+    def as_dict(self) -> dict:
+        return {"sentences": self.sentences, "steps": self.steps, "sentence_steps": self.sentence_steps,
+                "mean_batch_sentences": round(self.sentence_steps / self.steps, 2) if self.steps else None,
+                "busy_s": round(self.busy_s, 3), "uptime_s": round(time.monotonic() - self.started, 3)}
 
 
 @dataclass
@@ -72,7 +93,7 @@ class _Entry:
 
     request: _Request
     index: int                    # position in request.sentences
-    key: tuple                    # the search options as a hashable value: equal keys may share a batch
+    key: tuple                    # search options and attention as a hashable value: equal keys share a stream
     arrived: float = field(default_factory=time.monotonic)
 
 
@@ -82,7 +103,7 @@ def _blank() -> list[Translation]:
 
 
 class Batcher:
-    def __init__(self, translator: TranslatesBatches, *, max_batch_sentences: int = 64, max_wait_ms: float = 10.0,
+    def __init__(self, translator: Streams, *, max_batch_sentences: int = 64, max_wait_ms: float = 10.0,
                  history: int = 1000):
         if max_batch_sentences < 1:
             raise ValueError(f"max_batch_sentences must be >= 1, got {max_batch_sentences}")
@@ -91,7 +112,8 @@ class Batcher:
         self.translator = translator
         self.max_batch_sentences = max_batch_sentences
         self.max_wait_s = max_wait_ms / 1000.0
-        self.batches: deque[BatchRecord] = deque(maxlen=history)  # the most recent batches, oldest first
+        self.batches: deque[BatchRecord] = deque(maxlen=history)  # the most recent joins, oldest first
+        self.stats = DecoderStats()
         self._queue: list[_Entry] = []
         self._cond = threading.Condition()
         self._closing = False
@@ -143,7 +165,9 @@ class Batcher:
         future: Future = Future()
         request = _Request(list(sentences), options, attention, future,
                            [None if s.strip() else _blank() for s in sentences], 0)
-        entries = [_Entry(request, i, astuple(options)) for i, s in enumerate(sentences) if s.strip()]
+        # only sentence 0 of a request that asks for attention needs a stream that keeps it
+        entries = [_Entry(request, i, (astuple(options), attention and i == 0))
+                   for i, s in enumerate(sentences) if s.strip()]
         request.remaining = len(entries)
         if not entries:
             future.set_result(request.results)
@@ -160,47 +184,100 @@ class Batcher:
     # ---- the worker thread -------------------------------------------------------
 
     def _work(self) -> None:
-        while (batch := self._next_batch()) is not None:
-            self._run(batch)
+        streams: dict[tuple, TranslationStream] = {}   # one per search-options key with sentences in flight
+        running: dict[int, _Entry] = {}                # id(entry) -> entry, for the sentences in flight
+        joining: list[_Entry] = []
+        try:
+            while True:
+                self._drop_given_up(streams, running)
+                joining = self._next_joiners(idle=not running, room=self.max_batch_sentences - len(running))
+                if joining is None:
+                    return
+                for key, group in _by_key(joining):
+                    self._join(streams, key, group, running)
+                for key in list(streams):
+                    if streams[key].live and not self._step(streams[key], running):
+                        del streams[key]       # failed: its callers have their error; nothing of it is reused
+                    elif not streams[key].live:
+                        del streams[key]       # its tensors go; the next sentence with these options starts anew
+        except BaseException as e:  # noqa: BLE001 - a bug of ours: answer everyone, then stop
+            log.exception("the decoding worker stopped")
+            with self._cond:
+                self._closing = True
+                queued, self._queue = self._queue, []
+            _fail([x.request for x in list(running.values()) + (joining or []) + queued],
+                  BatcherUnavailable(f"the decoding worker stopped: {type(e).__name__}: {e}"))
 
-    def _next_batch(self) -> list[_Entry] | None:
-        """Block until a batch is due; None once closed and drained."""
+    def _drop_given_up(self, streams: dict[tuple, TranslationStream], running: dict[int, _Entry]) -> None:
+        """Sentences of requests cancelled (timed out) or failed leave the decoder."""
+        for tag in [tag for tag, e in running.items() if e.request.future.done()]:
+            entry = running.pop(tag)
+            streams[entry.key].drop([tag])
+
+    def _next_joiners(self, *, idle: bool, room: int) -> list[_Entry] | None:
+        """Queued sentences to start now, oldest first, at most `room`.
+
+        With sentences in flight: whatever is queued, without waiting. With none: block
+        until the oldest has waited `max_wait_s` or `room` sentences are queued. None once
+        closed and drained.
+        """
         with self._cond:
             while True:
                 # a request cancelled (timed out) or already failed needs none of its other sentences
                 self._queue = [e for e in self._queue if not e.request.future.done()]
+                if not idle:
+                    return self._take(max(room, 0))
                 if not self._queue:
                     if self._closing:
                         return None
                     self._cond.wait()
                     continue
-                key = self._queue[0].key
-                matching = [e for e in self._queue if e.key == key]
                 wait = self._queue[0].arrived + self.max_wait_s - time.monotonic()
-                if len(matching) >= self.max_batch_sentences or wait <= 0 or self._closing:
-                    batch = matching[:self.max_batch_sentences]
-                    taken = {id(e) for e in batch}
-                    self._queue = [e for e in self._queue if id(e) not in taken]
-                    return batch
+                if len(self._queue) >= room or wait <= 0 or self._closing:
+                    return self._take(room)
                 # woken early by new sentences (the batch may be full) or a cancellation
                 self._cond.wait(wait)
 
-    def _run(self, batch: list[_Entry]) -> None:
-        options = batch[0].request.options
-        with_attention = any(e.request.attention and e.index == 0 for e in batch)
+    def _take(self, n: int) -> list[_Entry]:
+        """Remove and return the oldest `n` queued sentences (the caller holds the lock)."""
+        batch, self._queue = self._queue[:n], self._queue[n:]
+        return batch
+
+    def _join(self, streams: dict[tuple, TranslationStream], key: tuple, group: list[_Entry],
+              running: dict[int, _Entry]) -> None:
+        """Start `group` (sentences with search-options key `key`) in that key's stream."""
         start = time.perf_counter()
         try:
-            results = self.translator.translate_hypotheses(
-                [e.request.sentences[e.index] for e in batch], options,
-                batch_size=self.max_batch_sentences, return_attention=with_attention)
-        except Exception as e:  # noqa: BLE001 - reported to every waiting caller; the worker lives on
-            log.exception("decoding a batch of %d sentences failed", len(batch))
-            for request in {id(x.request): x.request for x in batch}.values():
-                _settle(request.future, exception=e)
+            if key not in streams:
+                streams[key] = self.translator.stream(group[0].request.options, return_attention=key[1])
+            streams[key].add([e.request.sentences[e.index] for e in group], [id(e) for e in group],
+                             [e.index + 1 for e in group])
+        except Exception as e:  # noqa: BLE001 - reported to its callers; the worker and the stream live on
+            log.exception("starting %d sentences failed", len(group))
+            _fail([x.request for x in group], e)
             return
-        seconds = time.perf_counter() - start
-        self.batches.append(BatchRecord(len(batch), len({id(e.request) for e in batch}), seconds))
-        for entry, hyps in zip(batch, results):
+        finally:
+            self.stats.busy_s += time.perf_counter() - start
+        running.update((id(e), e) for e in group)
+        self.batches.append(BatchRecord(len(group), len({id(e.request) for e in group}), len(running)))
+
+    def _step(self, stream: TranslationStream, running: dict[int, _Entry]) -> bool:
+        """One decoder step of `stream`; answers the sentences it finished. False if it failed."""
+        start = time.perf_counter()
+        in_flight = stream.live
+        try:
+            finished = stream.step()
+        except Exception as e:  # noqa: BLE001 - reported to every caller in that stream; the worker lives on
+            log.exception("decoding %d sentences failed", in_flight)
+            _fail([running.pop(t).request for t in stream.tags if t in running], e)
+            return False
+        finally:
+            self.stats.busy_s += time.perf_counter() - start
+        self.stats.steps += 1
+        self.stats.sentence_steps += in_flight
+        self.stats.sentences += len(finished)
+        for tag, hyps in finished:
+            entry = running.pop(tag)
             if not (entry.request.attention and entry.index == 0):
                 for h in hyps:
                     h.attention = h.source_pieces = None  # only sentence 0 of a request that asked keeps it
@@ -209,6 +286,20 @@ class Batcher:
             request.remaining -= 1
             if request.remaining == 0:
                 _settle(request.future, result=request.results)
+        return True
+
+
+def _by_key(entries: list[_Entry]) -> list[tuple[tuple, list[_Entry]]]:
+    """Entries grouped by search-options key, groups in order of their oldest entry."""
+    groups: dict[tuple, list[_Entry]] = {}
+    for e in entries:
+        groups.setdefault(e.key, []).append(e)
+    return list(groups.items())
+
+
+def _fail(requests: list[_Request], error: BaseException) -> None:
+    for request in {id(r): r for r in requests}.values():
+        _settle(request.future, exception=error)
 
 
 def _settle(future: Future, *, result=None, exception: BaseException | None = None) -> None:

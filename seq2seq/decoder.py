@@ -31,6 +31,13 @@ class DecoderState(NamedTuple):
             self.feed.index_select(0, index),
         )
 
+    def cat(self, other: DecoderState) -> DecoderState:
+        """These rows, then other's."""
+        return DecoderState(
+            tuple((torch.cat([h, oh]), torch.cat([c, oc])) for (h, c), (oh, oc) in zip(self.hidden, other.hidden)),
+            torch.cat([self.feed, other.feed]),
+        )
+
 
 class CellStack(nn.Module):
     """nn.LSTMCell layers, each with its own hidden size, dropout between layers.

@@ -27,6 +27,12 @@ class PerModel(tuple):
     def index_select(self, index: torch.Tensor) -> PerModel:
         return PerModel(part.index_select(index) for part in self)
 
+    def cat(self, other: PerModel) -> PerModel:
+        return PerModel(part.cat(o) for part, o in zip(self, other))
+
+    def crop_source(self, width: int) -> PerModel:
+        return PerModel(part.crop_source(width) for part in self)
+
 
 class Ensemble(nn.Module):
     def __init__(self, models: Sequence[Seq2Seq]):

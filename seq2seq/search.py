@@ -3,7 +3,9 @@
 
 All are batched: the beam search is vectorised over batch x beam, and sentences
 that are finished are retired from the batch (their rows dropped from the decoder
-state and memory) instead of being padded forward. Anything with that interface
+state and memory) instead of being padded forward; new sentences may join a running
+beam search between steps (`BeamSearch`, which the service uses for continuous
+batching). Anything with that interface
 can be searched: a `Seq2Seq`, or an `Ensemble` of them (ensemble.py). Penalties and
 constraints on the next token (minimum length, no repeated n-grams, top-k/top-p)
 are pure functions.
@@ -17,9 +19,11 @@ from functools import partial
 
 import torch
 
+from .attention import pad_source
 from .tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 NORMALISATIONS = ("gnmt", "average", "none")
+NO_TOKEN = -1   # fills the output rows of sentences that joined a running search later
 
 
 @dataclass
@@ -113,8 +117,9 @@ def max_lengths(src_len: torch.Tensor, a: float, b: int, cap: int) -> torch.Tens
 def repeated_ngram_mask(seqs: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
     """Tokens that would repeat an n-gram already in each row.
 
-    seqs: (rows, t) output so far. Returns (rows, vocab) True where appending the
-    token makes the last n tokens an n-gram that occurs earlier in the row.
+    seqs: (rows, t) output so far, right-aligned: a row may start with NO_TOKEN (-1)
+    fill, which matches no token. Returns (rows, vocab) True where appending the token
+    makes the last n tokens an n-gram that occurs earlier in the row.
     """
     rows, t = seqs.shape
     mask = torch.zeros(rows, vocab, dtype=torch.bool, device=seqs.device)  # (rows, vocab)
@@ -123,27 +128,35 @@ def repeated_ngram_mask(seqs: torch.Tensor, n: int, vocab: int) -> torch.Tensor:
     grams = seqs.unfold(1, n, 1)                                             # (rows, t-n+1, n)
     prefix = seqs[:, t - n + 1:]                                             # (rows, n-1)
     seen = (grams[:, :, :n - 1] == prefix.unsqueeze(1)).all(dim=-1)          # (rows, t-n+1)
+    last = grams[:, :, n - 1]                                                # (rows, t-n+1)
+    seen &= last >= 0                             # NO_TOKEN (-1) fills rows that started later
     hits = torch.zeros(rows, vocab, device=seqs.device)                      # (rows, vocab)
-    hits.scatter_add_(1, grams[:, :, n - 1], seen.float())
+    hits.scatter_add_(1, last.clamp(min=0), seen.float())
     return hits > 0
 
 
-def constrain(log_probs: torch.Tensor, seqs: torch.Tensor, min_len: int, no_repeat_ngram: int
-              ) -> torch.Tensor:
+def constrain(log_probs: torch.Tensor, seqs: torch.Tensor, min_len: int, no_repeat_ngram: int,
+              steps: torch.Tensor | None = None) -> torch.Tensor:
     """Forbid EOS before `min_len` tokens and tokens that repeat an n-gram (in place).
 
-    log_probs: (rows, vocab) for step t = seqs.size(1); seqs: (rows, t). EOS is never
-    forbidden for repeating an n-gram (it ends the output, it is not part of it), and a
-    row left with no allowed token gets EOS back, so every row can always finish.
+    log_probs: (rows, vocab) for the next step; seqs: (rows, t) output so far. `steps`
+    (rows,) gives each row's own output length when rows started at different times
+    (their output is right-aligned in seqs, NO_TOKEN before it); default: t for every row.
+    EOS is never forbidden for repeating an n-gram (it ends the output, it is not part
+    of it), and a row left with no allowed token gets EOS back, so every row can always
+    finish.
     """
     t = seqs.size(1)
-    if t >= min_len and no_repeat_ngram == 0:
+    short = (steps < min_len) if steps is not None and min_len else None       # (rows,)
+    if no_repeat_ngram == 0 and (t >= min_len if short is None else not short.any()):
         return log_probs
     eos = log_probs[:, EOS_ID].clone()                                       # (rows,)
     if no_repeat_ngram:
         log_probs.masked_fill_(repeated_ngram_mask(seqs, no_repeat_ngram, log_probs.size(-1)), float("-inf"))
         log_probs[:, EOS_ID] = eos
-    if t < min_len:
+    if short is not None:
+        log_probs[short, EOS_ID] = float("-inf")
+    elif t < min_len:
         log_probs[:, EOS_ID] = float("-inf")
     stuck = torch.isneginf(log_probs).all(dim=-1)                            # (rows,)
     log_probs[stuck, EOS_ID] = eos[stuck]
@@ -266,6 +279,191 @@ def sample_search(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torc
 
 # ---- beam -----------------------------------------------------------------------
 
+class BeamSearch:
+    """Beam search, vectorised over sentences x beams, that sentences join and leave between steps.
+
+        beams = BeamSearch(model, beam_size=5)
+        beams.add(src, src_len, max_len, tags=["a", "b"])   # encode and start two sentences
+        beams.step()        # one decoder step for every live sentence -> [(tag, hypotheses)] of those done
+        beams.add(...)      # more sentences may join a running search (continuous batching)
+        beams.drop(["b"])   # ... and leave it unfinished
+
+    `beam_search` adds one batch and steps until it is done; the service (batcher.py)
+    adds sentences as requests arrive, so each step decodes every sentence in flight.
+    A finished sentence is retired: its rows leave the decoder state and memory.
+
+    A sentence stops when it has `nbest` finished hypotheses and no live one can
+    still beat them: live scores only fall as they grow, so dividing a live score by
+    the largest length penalty it could reach bounds what it can become (the coverage
+    penalty is never positive, so the bound holds with it). With alpha=0 this is
+    exact; beam size 1 is exactly greedy search. A finished hypothesis' score is
+    normalise(log_prob) + coverage_penalty(attention).
+
+    Sentences that joined at different times sit side by side: each row's output so far
+    is right-aligned in `seqs` (NO_TOKEN before it) with its own step count, and memory is
+    padded (and masked) to the longest source in flight, cropped again when that leaves.
+    The model's state and memory must offer `index_select`, `cat` and `crop_source`.
+    """
+
+    def __init__(self, model, beam_size: int = 5, *, nbest: int = 1, alpha: float = 0.0,
+                 normalisation: str = "gnmt", min_len: int = 0, no_repeat_ngram: int = 0,
+                 coverage_beta: float = 0.0, return_attention: bool = False):
+        if beam_size < 1:
+            raise ValueError(f"beam_size must be >= 1, got {beam_size}")
+        if not 1 <= nbest <= beam_size:
+            raise ValueError(f"nbest must be between 1 and beam_size ({beam_size}), got {nbest}")
+        normalise(0.0, 1, alpha, normalisation)  # validates the mode name up front
+        self.model, self.k, self.nbest = model, beam_size, nbest
+        self.alpha, self.normalisation, self.coverage_beta = alpha, normalisation, coverage_beta
+        self.min_len, self.no_repeat_ngram = min_len, no_repeat_ngram
+        self.return_attention = return_attention
+        self.keep_attn = return_attention or coverage_beta > 0
+        self._clear()
+
+    def _clear(self) -> None:
+        self.tags: list = []                         # one per live sentence, in row order
+        self.finished: list[list[Hypothesis]] = []   # finished hypotheses of each live sentence
+        self.memory = self.state = None
+        self.beam_scores = self.seqs = self.prev = self.attn_hist = None
+        self.steps = self.limit = self.src_len = self.floor = None
+        self.width = 0                               # source positions in memory
+
+    @property
+    def live(self) -> int:
+        """Sentences in flight."""
+        return len(self.tags)
+
+    @torch.inference_mode()
+    def add(self, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Tensor, tags) -> None:
+        """Start sentences: src (n, src_len) ids, src_len (n,), max_len (n,) output limits, n tags."""
+        tags = list(tags)
+        n, k, device = src.size(0), self.k, src.device
+        if len(tags) != n:
+            raise ValueError(f"{n} sentences but {len(tags)} tags")
+        if n == 0:
+            return
+        memory, state = self.model.encode(src, src_len)
+        expand = torch.arange(n, device=device).repeat_interleave(k)          # (n*k,)
+        memory, state = memory.index_select(expand), state.index_select(expand)
+        # only beam 0 is live at the start, so the first step does not pick k copies of one token
+        beam_scores = torch.full((n, k), float("-inf"), device=device)
+        beam_scores[:, 0] = 0.0                                                # (n, k)
+        prev = torch.full((n * k,), BOS_ID, dtype=torch.long, device=device)
+        zeros = torch.zeros(n, dtype=torch.long, device=device)
+        floor = torch.full((n,), float("-inf"), device=device)  # nbest-th best finished score (-inf until nbest)
+        width = src.size(1)
+        if not self.live:
+            seqs = torch.full((n * k, 0), NO_TOKEN, dtype=torch.long, device=device)          # (rows, t)
+            attn_hist = src.new_zeros(n * k, 0, width, dtype=torch.float) if self.keep_attn else None
+            new = (memory, state, beam_scores, prev, seqs, attn_hist, zeros, max_len.to(device),
+                   src_len.to(device), floor, width)
+        else:
+            # everything built first and assigned at once: a failure here leaves the search as it was
+            t, width = self.seqs.size(1), max(self.width, width)
+            attn_hist = None
+            if self.attn_hist is not None:
+                attn_hist = torch.cat([pad_source(self.attn_hist, width, dim=2),
+                                       self.attn_hist.new_zeros(n * k, t, width)])
+            new = (self.memory.cat(memory), self.state.cat(state), torch.cat([self.beam_scores, beam_scores]),
+                   torch.cat([self.prev, prev]), torch.cat([self.seqs, self.seqs.new_full((n * k, t), NO_TOKEN)]),
+                   attn_hist, torch.cat([self.steps, zeros]), torch.cat([self.limit, max_len.to(device)]),
+                   torch.cat([self.src_len, src_len.to(device)]), torch.cat([self.floor, floor]), width)
+        (self.memory, self.state, self.beam_scores, self.prev, self.seqs, self.attn_hist,
+         self.steps, self.limit, self.src_len, self.floor, self.width) = new
+        self.tags += tags
+        self.finished += [[] for _ in range(n)]
+
+    @torch.inference_mode()
+    def step(self) -> list[tuple[object, list[Hypothesis]]]:
+        """One decoder step for every live sentence; returns (tag, up to nbest hypotheses, best first)
+        for each sentence that finished, and retires them."""
+        if not self.live:
+            return []
+        k, device = self.k, self.prev.device
+        live = self.live
+        log_probs, state, weights = self.model.decode_step(self.prev, self.state, self.memory)  # (live*k, vocab)
+        vocab = log_probs.size(-1)
+        if self.min_len or self.no_repeat_ngram:
+            log_probs = constrain(log_probs, self.seqs, self.min_len, self.no_repeat_ngram,
+                                  steps=self.steps.repeat_interleave(k))
+        cand = (self.beam_scores.view(-1, 1) + log_probs).view(live, k * vocab)  # (live, k*vocab)
+        top_scores, top_ids = cand.topk(k, dim=1)                                # (live, k)
+        origin = top_ids // vocab                                                # (live, k) beam it extends
+        token = top_ids % vocab                                                  # (live, k)
+        if k > 1:   # each new beam continues the state and output of the beam it extends
+            rows = (torch.arange(live, device=device).unsqueeze(1) * k + origin).view(-1)  # (live*k,)
+            state, weights = state.index_select(rows), weights.index_select(0, rows)
+            self.seqs = self.seqs.index_select(0, rows)
+            if self.attn_hist is not None:
+                self.attn_hist = self.attn_hist.index_select(0, rows)
+        self.seqs = torch.cat([self.seqs, token.view(-1, 1)], dim=1)                    # (live*k, t+1)
+        self.state = state
+        if self.attn_hist is not None:
+            self.attn_hist = torch.cat([self.attn_hist, weights.float().unsqueeze(1)], dim=1)
+        self.steps += 1
+
+        at_limit = (self.steps >= self.limit).unsqueeze(1)                       # (live, 1)
+        ends = (token == EOS_ID) | at_limit                                      # (live, k)
+        ends &= top_scores > float("-inf")
+        for i, j in ends.nonzero().tolist():
+            n = int(self.steps[i])                                               # this sentence's output so far
+            row = i * k + j
+            attention = (self.attn_hist[row, -n:, :int(self.src_len[i])].cpu()
+                         if self.attn_hist is not None else None)
+            self.finished[i].append(_finished(self.seqs[row, -n:].tolist(), float(top_scores[i, j]), attention,
+                                              self.alpha, self.normalisation, self.coverage_beta,
+                                              self.return_attention))
+            if len(self.finished[i]) >= self.nbest:
+                self.floor[i] = sorted((h.score for h in self.finished[i]), reverse=True)[self.nbest - 1]
+        top_scores = top_scores.masked_fill(ends, float("-inf"))
+
+        # the best any live beam can still reach, given its remaining length budget
+        best_live = top_scores.max(dim=1).values                                 # (live,)
+        if self.normalisation == "gnmt" and self.alpha > 0:
+            best_live = best_live / length_penalty(self.limit.float(), self.alpha)
+        elif self.normalisation == "average":
+            best_live = best_live / self.limit.float()   # a live beam could get as long as the limit
+        done = (best_live <= self.floor) | at_limit.squeeze(1) | torch.isneginf(best_live)  # (live,)
+        self.beam_scores = top_scores
+        self.prev = token.view(-1)
+        if not done.any():
+            return []
+        out = [(self.tags[i], sorted(self.finished[i], key=lambda h: h.score, reverse=True)[:self.nbest])
+               for i in done.nonzero().squeeze(1).tolist()]
+        self._keep((~done).nonzero().squeeze(1))
+        return out
+
+    @torch.inference_mode()
+    def drop(self, tags) -> None:
+        """Retire these sentences unfinished (e.g. their caller gave up); unknown tags are ignored."""
+        gone = set(tags)
+        if any(t in gone for t in self.tags):
+            keep = [i for i, t in enumerate(self.tags) if t not in gone]
+            self._keep(torch.tensor(keep, dtype=torch.long, device=self.prev.device))
+
+    def _keep(self, keep: torch.Tensor) -> None:
+        """Keep only live sentences `keep` (live',), in that order."""
+        if keep.numel() == 0:
+            self._clear()
+            return
+        k = self.k
+        keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=keep.device)).view(-1)  # (live'*k,)
+        index = keep.tolist()
+        self.tags = [self.tags[i] for i in index]
+        self.finished = [self.finished[i] for i in index]
+        self.beam_scores, self.steps, self.limit = self.beam_scores[keep], self.steps[keep], self.limit[keep]
+        self.src_len, self.floor = self.src_len[keep], self.floor[keep]
+        self.prev = self.prev[keep_rows]
+        self.state, self.memory = self.state.index_select(keep_rows), self.memory.index_select(keep_rows)
+        # drop the columns and source positions no live sentence needs any more
+        t, width = int(self.steps.max()), int(self.src_len.max())
+        self.seqs = self.seqs[keep_rows, self.seqs.size(1) - t:]
+        if self.attn_hist is not None:
+            self.attn_hist = self.attn_hist[keep_rows, self.attn_hist.size(1) - t:, :width]
+        if width < self.width:
+            self.memory, self.width = self.memory.crop_source(width), width
+
+
 @torch.inference_mode()
 def beam_search(
     model,
@@ -282,94 +480,22 @@ def beam_search(
     coverage_beta: float = 0.0,
     return_attention: bool = False,
 ) -> list[list[Hypothesis]]:
-    """Beam search, vectorised over batch x beam.
-
-    A sentence stops when it has `nbest` finished hypotheses and no live one can
-    still beat them: live scores only fall as they grow, so dividing a live score by
-    the largest length penalty it could reach bounds what it can become (the coverage
-    penalty is never positive, so the bound holds with it). With alpha=0 this is
-    exact; beam size 1 is exactly greedy search.
-
-    A finished hypothesis' score is normalise(log_prob) + coverage_penalty(attention).
+    """Beam search over one batch (see `BeamSearch` for the rules).
 
     Args:
         src: (batch, src_len); src_len: (batch,); max_len: (batch,) output limits.
     Returns:
         per sentence, up to `nbest` hypotheses, best first.
     """
-    if beam_size < 1:
-        raise ValueError(f"beam_size must be >= 1, got {beam_size}")
-    if not 1 <= nbest <= beam_size:
-        raise ValueError(f"nbest must be between 1 and beam_size ({beam_size}), got {nbest}")
-    normalise(0.0, 1, alpha, normalisation)  # validates the mode name up front
-    device = src.device
-    batch, k = src.size(0), beam_size
-    memory, state = model.encode(src, src_len)
-    expand = torch.arange(batch, device=device).repeat_interleave(k)      # (batch*k,)
-    memory, state = memory.index_select(expand), state.index_select(expand)
-
-    sent = torch.arange(batch, device=device)                # original sentence of each live row of beams
-    limit = max_len.to(device)
-    # only beam 0 is live at the start, so the first step does not pick k copies of one token
-    beam_scores = torch.full((batch, k), float("-inf"), device=device)
-    beam_scores[:, 0] = 0.0                                   # (live, k)
-    seqs = torch.full((batch * k, 0), BOS_ID, dtype=torch.long, device=device)  # (live*k, t)
-    keep_attn = return_attention or coverage_beta > 0
-    attn_hist = src.new_zeros(batch * k, 0, src.size(1), dtype=torch.float) if keep_attn else None
-    prev = torch.full((batch * k,), BOS_ID, dtype=torch.long, device=device)
-    finished: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    # nbest-th best finished score per sentence (-inf until there are nbest)
-    floor = torch.full((batch,), float("-inf"), device=device)
-
-    for t in range(int(limit.max())):
-        log_probs, state, weights = model.decode_step(prev, state, memory)  # (live*k, vocab)
-        vocab = log_probs.size(-1)
-        log_probs = constrain(log_probs, seqs, min_len, no_repeat_ngram)
-        live = sent.numel()
-        cand = (beam_scores.view(-1, 1) + log_probs).view(live, k * vocab)  # (live, k*vocab)
-        top_scores, top_ids = cand.topk(k, dim=1)                            # (live, k)
-        origin = top_ids // vocab                                            # (live, k) beam it extends
-        token = top_ids % vocab                                              # (live, k)
-        rows = (torch.arange(live, device=device).unsqueeze(1) * k + origin).view(-1)  # (live*k,)
-        seqs = torch.cat([seqs.index_select(0, rows), token.view(-1, 1)], dim=1)       # (live*k, t+1)
-        state = state.index_select(rows)
-        if attn_hist is not None:
-            attn_hist = torch.cat([attn_hist.index_select(0, rows),
-                                   weights.float().index_select(0, rows).unsqueeze(1)], dim=1)
-
-        at_limit = (t + 1 >= limit[sent]).unsqueeze(1)                       # (live, 1)
-        ends = (token == EOS_ID) | at_limit                                  # (live, k)
-        ends &= top_scores > float("-inf")
-        for i, j in ends.nonzero().tolist():
-            s = int(sent[i])
-            attention = attn_hist[i * k + j, :, :int(src_len[s])].cpu() if attn_hist is not None else None
-            finished[s].append(_finished(seqs[i * k + j].tolist(), float(top_scores[i, j]), attention,
-                                         alpha, normalisation, coverage_beta, return_attention))
-            if len(finished[s]) >= nbest:
-                floor[s] = sorted((h.score for h in finished[s]), reverse=True)[nbest - 1]
-        top_scores = top_scores.masked_fill(ends, float("-inf"))
-
-        # the best any live beam can still reach, given its remaining length budget
-        best_live = top_scores.max(dim=1).values                             # (live,)
-        if normalisation == "gnmt" and alpha > 0:
-            best_live = best_live / length_penalty(limit[sent].float(), alpha)
-        elif normalisation == "average":
-            best_live = best_live / limit[sent].float()   # a live beam could get as long as the limit
-        done = (best_live <= floor[sent]) | at_limit.squeeze(1) | torch.isneginf(best_live)
-        if done.all():
-            break
-        beam_scores = top_scores
-        prev = token.view(-1)
-        if done.any():
-            keep = (~done).nonzero().squeeze(1)                                  # (live',)
-            keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
-            sent, beam_scores = sent[keep], beam_scores[keep]
-            seqs, prev = seqs[keep_rows], prev[keep_rows]
-            state, memory = state.index_select(keep_rows), memory.index_select(keep_rows)
-            if attn_hist is not None:
-                attn_hist = attn_hist[keep_rows]
-
-    return [sorted(hyps, key=lambda h: h.score, reverse=True)[:nbest] for hyps in finished]
+    beams = BeamSearch(model, beam_size, nbest=nbest, alpha=alpha, normalisation=normalisation,
+                       min_len=min_len, no_repeat_ngram=no_repeat_ngram, coverage_beta=coverage_beta,
+                       return_attention=return_attention)
+    beams.add(src, src_len, max_len, tags=range(src.size(0)))
+    results: list[list[Hypothesis]] = [[] for _ in range(src.size(0))]
+    while beams.live:
+        for i, hyps in beams.step():
+            results[i] = hyps
+    return results
 
 
 def _finished(toks: list[int], log_prob: float, attention: torch.Tensor | None, alpha: float,

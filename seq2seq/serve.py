@@ -5,7 +5,9 @@
     POST /translate   {"text": ["A dog runs.", ""], "beam_size": 5, "nbest": 1}
                    -> {"translations": ["Ein Hund rennt.", ""], "scores": [-1.2, 0.0],
                        "model": "model.pt", "elapsed_ms": 41.3}
-    GET  /health      {"status": "ok", "queued_sentences": 0}; 503 if the decoding thread is gone
+    GET  /health      {"status": "ok", "queued_sentences": 0, "decoder": {totals: sentences, steps,
+                      sentence_steps, mean_batch_sentences, busy_s, uptime_s}}; 503 if the
+                      decoding thread is gone
     GET  /info        the model card (`seq2seq.info.model_card`), its limits under "service"
     GET  /            a page to type into, with the first sentence's attention drawn
     GET  /openapi.json  the OpenAPI description; /docs shows it (Swagger UI, whose
@@ -20,8 +22,9 @@ hypotheses of that sentence, best first (a blank sentence: [""] and [0.0]). With
 when that sentence is blank.
 
 Concurrent requests are decoded together by a `Batcher` (batcher.py) running the model
-in one thread; a request's results are those `Translator.translate_hypotheses` gives for
-the same sentences and options. Every refusal is a 4xx with a JSON body; a limit names
+in one thread, with continuous batching: a sentence joins the running search at the
+next decoder step and leaves it as soon as it is finished. A request's results are
+those `Translator.translate_hypotheses` gives for the same sentences and options. Every refusal is a 4xx with a JSON body; a limit names
 itself: `{"error": "too many sentences", "limit": "max_sentences", "value": 64}`.
 """
 
@@ -60,8 +63,8 @@ log = logging.getLogger("seq2seq")
 class ServeSettings:
     """The service's batching and limits; every one is a command-line flag of seq2seq-serve."""
 
-    max_batch_sentences: int = 64   # sentences decoded together at most
-    batch_wait_ms: float = 10.0     # how long the oldest queued sentence waits for company
+    max_batch_sentences: int = 64   # sentences in flight in the decoder at most
+    batch_wait_ms: float = 10.0     # an idle decoder: how long the oldest queued sentence waits for company
     max_sentences: int = 64         # per request
     max_chars: int = 2000           # per sentence
     max_body_bytes: int = 1_000_000  # per request body
@@ -298,7 +301,7 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         if not batcher.alive:
             return JSONResponse({"status": "decoding worker stopped", "queued_sentences": batcher.pending},
                                 status_code=503)
-        return {"status": "ok", "queued_sentences": batcher.pending}
+        return {"status": "ok", "queued_sentences": batcher.pending, "decoder": batcher.stats.as_dict()}
 
     @app.get("/info")
     async def info():
@@ -329,9 +332,10 @@ def serve_parser() -> argparse.ArgumentParser:
                    help="longer inputs are cropped to this many subwords, with a warning")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch-sentences", type=int, default=d.max_batch_sentences,
-                   help=f"sentences decoded together at most (default: {d.max_batch_sentences})")
+                   help=f"sentences in flight in the decoder at most (default: {d.max_batch_sentences})")
     g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
-                   help=f"how long a sentence waits for others to share its batch (default: {d.batch_wait_ms:g})")
+                   help=f"when the decoder is idle, how long a sentence waits for others to start with it; "
+                        f"while it runs, sentences join at its next step (default: {d.batch_wait_ms:g})")
     g = p.add_argument_group("limits (each refusal is a 4xx naming the limit)")
     g.add_argument("--max-sentences", type=int, default=d.max_sentences,
                    help=f"per request (default: {d.max_sentences})")

@@ -26,10 +26,10 @@ from .cpu import keep_freed_memory
 from .data import collate
 from .ensemble import Ensemble, load_models
 from .model import Seq2Seq
-from .search import Hypothesis, SearchOptions, forced_log_probs, max_lengths, normalise, search
+from .search import BeamSearch, Hypothesis, SearchOptions, forced_log_probs, max_lengths, normalise, search
 from .tokenizer import Tokenizer
 
-__all__ = ["ForcedScore", "SearchOptions", "Translation", "Translator"]
+__all__ = ["ForcedScore", "SearchOptions", "Translation", "TranslationStream", "Translator"]
 
 log = logging.getLogger(__name__)
 _EMPTY = np.zeros(0, dtype=np.int64)  # no target side when translating
@@ -127,6 +127,10 @@ class Translator:
                                     for h in sentence_hyps]
         return results
 
+    def stream(self, options: SearchOptions | None = None, *, return_attention: bool = False) -> TranslationStream:
+        """A running search that sentences join and leave between decoder steps (for the service)."""
+        return TranslationStream(self, options or SearchOptions(), return_attention=return_attention)
+
     def _to_translation(self, h: Hypothesis, src_ids: list[int], src_len: int,
                         with_attention: bool) -> Translation:
         text = self.tgt_tokenizer.decode([h.tokens])[0]
@@ -180,3 +184,92 @@ class Translator:
         total = float(token_lp[:n].sum())
         pieces = self.tgt_tokenizer.id_to_piece(tgt_ids) + ["</s>"]
         return ForcedScore(total, token_lp[:n].tolist(), pieces, normalise(total, n, opts.alpha, opts.normalisation))
+
+
+class TranslationStream:
+    """Continuous batching: sentences join a running beam search whenever they arrive.
+
+        stream = translator.stream(SearchOptions(beam_size=5))
+        stream.add(["Ein Hund rennt."], tags=["r1:0"])
+        while stream.live:
+            for tag, hyps in stream.step():   # the sentences that finished at this step
+                ...                          # hyps: up to nbest Translations, best first
+
+    Each `step` is one decoder step for every sentence in flight, so a sentence that
+    arrives while others are being decoded starts at the next step instead of waiting
+    for the whole batch to finish. Padding is masked, so a sentence's translations are
+    those `Translator.translate_hypotheses` gives it (up to the last bits of
+    floating-point sums; beam size 1 is greedy search). Lines must not be blank (the
+    caller answers those without the model); long ones are cropped as in
+    `translate_hypotheses`. Sampling is not offered: a sample would depend on its
+    neighbours' random draws.
+    """
+
+    def __init__(self, translator: Translator, options: SearchOptions, *, return_attention: bool = False):
+        if options.sample:
+            raise ValueError("sampling cannot join a running search: a sample would depend on its neighbours")
+        self.translator, self.options, self.return_attention = translator, options, return_attention
+        o = options
+        # offline, these options run greedy search, whose score is the plain log-probability:
+        # beam size 1 picks the same tokens, and without normalisation gives the same score
+        greedy = o.beam_size == 1 and o.nbest == 1 and o.coverage_penalty == 0
+        self.search = BeamSearch(translator.model, o.beam_size, nbest=o.nbest, alpha=0.0 if greedy else o.alpha,
+                                 normalisation="none" if greedy else o.normalisation, min_len=o.min_len,
+                                 no_repeat_ngram=o.no_repeat_ngram, coverage_beta=o.coverage_penalty,
+                                 return_attention=return_attention)
+        self._sources: dict = {}   # tag -> (source ids, source length with EOS) of each sentence in flight
+
+    @property
+    def live(self) -> int:
+        """Sentences in flight."""
+        return self.search.live
+
+    @property
+    def tags(self) -> list:
+        """The tags of the sentences in flight."""
+        return list(self._sources)
+
+    def add(self, lines: Sequence[str], tags: Sequence, line_numbers: Sequence[int] | None = None) -> None:
+        """Start translating `lines` (none blank); each result comes back from `step` with its tag.
+
+        Tags must be hashable and distinct from those in flight; `line_numbers` (1-based,
+        default 1, 2, ...) name the lines in the warning about a cropped line.
+        """
+        if len(lines) != len(tags):
+            raise ValueError(f"{len(lines)} lines but {len(tags)} tags")
+        if any(not line.strip() for line in lines):
+            raise ValueError("blank lines are answered without the model: do not add them to a stream")
+        if not lines:
+            return
+        numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(lines) + 1))
+        self.add_ids(self.translator._encode_sources([line.strip() for line in lines], numbers), tags)
+
+    def add_ids(self, ids: Sequence[Sequence[int]], tags: Sequence) -> None:
+        """`add` for sentences already encoded (and cropped) into source subword ids."""
+        if len(ids) != len(tags):
+            raise ValueError(f"{len(ids)} sentences but {len(tags)} tags")
+        if not ids:
+            return
+        t = self.translator
+        batch = collate([(j, np.asarray(seq, dtype=np.int64), _EMPTY) for j, seq in enumerate(ids)])
+        src, src_len = batch.src.to(t.device), batch.src_len.to(t.device)
+        o = self.options
+        limits = max_lengths(src_len, o.max_len_a, o.max_len_b, o.max_output_len)
+        self.search.add(src, src_len, limits, tags)
+        for tag, seq, n in zip(tags, ids, batch.src_len.tolist()):
+            self._sources[tag] = (seq, n)
+
+    def step(self) -> list[tuple[object, list[Translation]]]:
+        """One decoder step; (tag, translations best first) for each sentence that finished."""
+        out = []
+        for tag, hyps in self.search.step():
+            seq, n_src = self._sources.pop(tag)
+            out.append((tag, [self.translator._to_translation(h, seq, n_src, self.return_attention) for h in hyps]))
+        return out
+
+    def drop(self, tags) -> None:
+        """Stop translating these sentences (their caller gave up); unknown tags are ignored."""
+        tags = [t for t in tags if t in self._sources]
+        self.search.drop(tags)
+        for t in tags:
+            del self._sources[t]

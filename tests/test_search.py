@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from seq2seq.search import beam_search, greedy_search, length_penalty, max_lengths, normalise
+from seq2seq.ensemble import Ensemble
+from seq2seq.model import Seq2Seq
+from seq2seq.search import BeamSearch, beam_search, greedy_search, length_penalty, max_lengths, normalise
 from seq2seq.translate import SearchOptions, Translator
 
 from .conftest import random_sources
@@ -73,3 +75,91 @@ def test_batched_translation_matches_one_by_one(toy_run):
     together = translator.translate(sources, beam_size=5, batch_size=12)
     alone = [translator.translate(s, beam_size=5) for s in sources]
     assert together == alone
+
+
+# ---- continuous batching: sentences join and leave a running search ----------------------
+
+def _alone(model, src, src_len, limits, **options):
+    return [beam_search(model, src[i:i + 1, :int(src_len[i])], src_len[i:i + 1], limits[i:i + 1], **options)[0]
+            for i in range(src.size(0))]
+
+
+def _joining(model, src, src_len, limits, joins: dict[int, list[int]], drop: dict[int, list[int]] | None = None,
+             **options) -> tuple[dict[int, list], list[int]]:
+    """Run one BeamSearch; before step s, sentences joins[s] join and drop[s] leave. Returns
+    the results by sentence and the memory width seen at each step."""
+    beams = BeamSearch(model, **options)
+    results, widths, step = {}, [], 0
+    while beams.live or any(s >= step for s in joins):
+        for i in drop.get(step, []) if drop else []:
+            beams.drop([i])
+        if joins.get(step):
+            idx = torch.tensor(joins[step])
+            width = int(src_len[idx].max())
+            beams.add(src[idx, :width], src_len[idx], limits[idx], tags=joins[step])
+        widths.append(beams.width)
+        for tag, hyps in beams.step():
+            assert tag not in results
+            results[tag] = hyps
+        step += 1
+    return results, widths
+
+
+def _same_hyps(a, b, attention: bool = False):
+    assert [h.tokens for h in a] == [h.tokens for h in b]
+    assert [h.score for h in a] == pytest.approx([h.score for h in b], abs=1e-4)
+    assert [h.log_prob for h in a] == pytest.approx([h.log_prob for h in b], abs=1e-4)
+    if attention:
+        for x, y in zip(a, b):
+            assert x.attention.shape == y.attention.shape
+            assert torch.allclose(x.attention, y.attention, atol=1e-5)
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_sentences_joining_a_running_search_get_what_they_get_alone(tiny_model, beam_size):
+    src, src_len = random_sources([5, 12, 3, 9, 7, 4], seed=3)
+    limits = max_lengths(src_len, 1.5, 3, 50)
+    options = dict(beam_size=beam_size, nbest=beam_size)
+    alone = _alone(tiny_model, src, src_len, limits, **options)
+    # a longer source joins (memory padded), then shorter ones, one of them while the first have finished
+    results, widths = _joining(tiny_model, src, src_len, limits, {0: [0], 2: [1], 3: [2, 3], 5: [4], 30: [5]},
+                               **options)
+    assert sorted(results) == list(range(6))
+    for i in range(6):
+        _same_hyps(results[i], alone[i])
+    assert widths[0] == 5 and widths[2] == 12          # padded to the longest source in flight ...
+    assert widths[-1] == 4                              # ... and cropped once it has left
+
+
+def test_joining_keeps_constraints_penalties_and_attention_per_sentence(tiny_model):
+    src, src_len = random_sources([6, 10, 4], seed=5)
+    limits = max_lengths(src_len, 1.5, 3, 50)
+    options = dict(beam_size=4, nbest=2, alpha=0.6, min_len=3, no_repeat_ngram=2, coverage_beta=0.2,
+                   return_attention=True)
+    alone = _alone(tiny_model, src, src_len, limits, **options)
+    results, _ = _joining(tiny_model, src, src_len, limits, {0: [0], 1: [1], 4: [2]}, **options)
+    for i in range(3):
+        _same_hyps(results[i], alone[i], attention=True)
+        assert all(len(h.tokens) >= 3 for h in results[i])
+
+
+def test_a_dropped_sentence_leaves_and_the_others_are_unchanged(tiny_model):
+    src, src_len = random_sources([7, 9, 5], seed=7)
+    limits = max_lengths(src_len, 1.5, 3, 50)
+    alone = _alone(tiny_model, src, src_len, limits, beam_size=3)
+    results, _ = _joining(tiny_model, src, src_len, limits, {0: [0, 1, 2]}, drop={2: [1], 3: [42]}, beam_size=3)
+    assert sorted(results) == [0, 2]                    # an unknown tag is ignored
+    _same_hyps(results[0], alone[0])
+    _same_hyps(results[2], alone[2])
+
+
+def test_an_ensemble_runs_a_joined_search_too(tiny_model):
+    torch.manual_seed(1)
+    other = Seq2Seq(tiny_model.config).eval()
+    ensemble = Ensemble([tiny_model, other]).eval()
+    src, src_len = random_sources([4, 11], seed=9)
+    limits = max_lengths(src_len, 1.5, 3, 50)
+    alone = _alone(ensemble, src, src_len, limits, beam_size=2)
+    results, _ = _joining(ensemble, src, src_len, limits, {0: [0], 2: [1]}, beam_size=2)
+    _same_hyps(results[0], alone[0])
+    _same_hyps(results[1], alone[1])

@@ -6,6 +6,7 @@ API tests drive the app in-process through FastAPI's TestClient; only the SIGTER
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -149,28 +150,36 @@ def test_a_timed_out_request_is_408_and_its_sentences_are_never_decoded(model_pa
         time.sleep(0.5)                     # past the waiting window: the batch would have run by now
         batcher = c.app.state.batcher
         assert batcher.pending == 0 and len(batcher.batches) == 0
-        assert c.get("/health").json() == {"status": "ok", "queued_sentences": 0}
+        health = c.get("/health").json()
+        assert health["status"] == "ok" and health["queued_sentences"] == 0
+        assert health["decoder"]["sentences"] == health["decoder"]["steps"] == 0
 
 
 def test_a_decoding_failure_is_a_500_json_answer_and_the_worker_lives_on(model_path, sentences, monkeypatch):
     broken = Translator.from_checkpoint(model_path)
-    real = broken.translate_hypotheses
+    real_stream = broken.stream
     failures = iter([RuntimeError("out of memory (simulated)")])
 
-    def fail_once(*args, **kwargs):
-        error = next(failures, None)
-        if error is not None:
-            raise error
-        return real(*args, **kwargs)
+    def stream_failing_once(*args, **kwargs):
+        stream = real_stream(*args, **kwargs)
+        step = stream.step
 
-    monkeypatch.setattr(broken, "translate_hypotheses", fail_once)
+        def fail_once():
+            error = next(failures, None)
+            if error is not None:
+                raise error
+            return step()
+        stream.step = fail_once
+        return stream
+
+    monkeypatch.setattr(broken, "stream", stream_failing_once)
     with TestClient(create_app(broken, LIMITS)) as c:
         r = c.post("/translate", json={"text": sentences[:2]})
         assert r.status_code == 500
         assert r.json() == {"error": "translation failed", "detail": "RuntimeError: out of memory (simulated)"}
         again = c.post("/translate", json={"text": sentences[:2]})
         assert again.status_code == 200
-        assert again.json()["translations"] == [h[0].text for h in real(sentences[:2], SearchOptions())]
+        assert again.json()["translations"] == [h[0].text for h in offline(broken, sentences[:2])]
         assert c.get("/info").status_code == 404    # built from a Translator without a card
         assert c.get("/health").status_code == 200
         c.app.state.batcher.close()
@@ -180,7 +189,10 @@ def test_a_decoding_failure_is_a_500_json_answer_and_the_worker_lives_on(model_p
 # ---- the other endpoints -----------------------------------------------------------------
 
 def test_health_info_openapi_and_the_page(client):
-    assert client.get("/health").json() == {"status": "ok", "queued_sentences": 0}
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["queued_sentences"] == 0
+    assert set(health["decoder"]) == {"sentences", "steps", "sentence_steps", "mean_batch_sentences",
+                                      "busy_s", "uptime_s"}
     info = client.get("/info").json()
     assert info["parameters"] > 0 and info["src_lang"] == "src" and info["tgt_lang"] == "tgt"
     assert "best_val" in info and info["service"]["max_beam"] == 6
@@ -242,7 +254,93 @@ def test_a_request_larger_than_a_batch_is_split_and_reassembled_in_order(transla
     with Batcher(translator, max_batch_sentences=3, max_wait_ms=0) as batcher:
         result = batcher.submit(text, SearchOptions(beam_size=2)).result(timeout=30)
     assert [h[0].text for h in result] == [h[0].text for h in offline(translator, text, beam_size=2)]
-    assert [r.sentences for r in batcher.batches] == [3, 3, 1]
+    records = list(batcher.batches)
+    assert records[0].sentences == 3 and sum(r.sentences for r in records) == 7
+    assert max(r.live_after for r in records) == 3      # never more than max_batch_sentences in flight
+    assert batcher.stats.sentences == 7 and batcher.stats.steps > 0
+
+
+class GatedStreams:
+    """A translator whose streams hold their first step until `gate` is set."""
+
+    def __init__(self, translator: Translator):
+        self.translator, self.gate, self.first_step = translator, threading.Event(), threading.Event()
+
+    def stream(self, options, *, return_attention=False):
+        stream = self.translator.stream(options, return_attention=return_attention)
+        step = stream.step
+
+        def gated_step():
+            self.first_step.set()
+            assert self.gate.wait(30)
+            return step()
+        stream.step = gated_step
+        return stream
+
+
+def test_a_sentence_joins_a_running_stream_at_its_next_step(translator, sentences):
+    gated = GatedStreams(translator)
+    with Batcher(gated, max_batch_sentences=8, max_wait_ms=0) as batcher:
+        first = batcher.submit(sentences[:2], SearchOptions(beam_size=3))
+        assert gated.first_step.wait(30)                # decoding has started ...
+        second = batcher.submit(sentences[2:3], SearchOptions(beam_size=3))
+        gated.gate.set()                                # ... and the new sentence joins it
+        results = first.result(timeout=30) + second.result(timeout=30)
+    assert [h[0].text for h in results] == [h[0].text for h in offline(translator, sentences[:3], beam_size=3)]
+    assert [(r.sentences, r.requests, r.live_after) for r in batcher.batches] == [(2, 1, 2), (1, 1, 3)]
+
+
+def test_a_request_given_up_in_flight_leaves_the_decoder(translator, sentences):
+    gated = GatedStreams(translator)
+    with Batcher(gated, max_batch_sentences=8, max_wait_ms=0) as batcher:
+        doomed = batcher.submit(sentences[:4], SearchOptions(beam_size=3))
+        assert gated.first_step.wait(30)
+        doomed.cancel()                                 # what a timed-out request does
+        gated.gate.set()
+        later = batcher.submit(sentences[4:5], SearchOptions(beam_size=3)).result(timeout=30)
+    assert later[0][0].text == offline(translator, sentences[4:5], beam_size=3)[0][0].text
+    # the cancelled sentences took the one step already running, then left: the next
+    # sentence started a stream of its own instead of joining four others
+    assert [(r.sentences, r.live_after) for r in batcher.batches] == [(4, 4), (1, 1)]
+
+
+def test_greedy_answers_score_as_offline_greedy_search_does(translator, sentences):
+    options = dict(beam_size=1, alpha=0.6, normalisation="average")   # greedy ignores normalisation
+    with Batcher(translator, max_wait_ms=0) as batcher:
+        served = batcher.submit(sentences[:4], SearchOptions(**options)).result(timeout=30)
+    expected = offline(translator, sentences[:4], **options)
+    assert [h[0].text for h in served] == [h[0].text for h in expected]
+    assert [h[0].score for h in served] == pytest.approx([h[0].score for h in expected], abs=1e-4)
+
+
+def test_different_options_decode_side_by_side_without_draining(translator, sentences):
+    gated = GatedStreams(translator)
+    with Batcher(gated, max_batch_sentences=8, max_wait_ms=0) as batcher:
+        beams = batcher.submit(sentences[:2], SearchOptions(beam_size=3))
+        assert gated.first_step.wait(30)
+        greedy = batcher.submit(sentences[2:4], SearchOptions(beam_size=1))
+        gated.gate.set()
+        results = greedy.result(timeout=30) + beams.result(timeout=30)
+    assert [h[0].text for h in results] == [h[0].text for h in offline(translator, sentences[2:4], beam_size=1)
+                                           + offline(translator, sentences[:2], beam_size=3)]
+    # the greedy sentences started while the beam sentences were in flight
+    assert [(r.sentences, r.live_after) for r in batcher.batches] == [(2, 2), (2, 4)]
+
+
+def test_a_worker_that_dies_answers_everyone_and_refuses_more(translator, sentences):
+    batcher = Batcher(translator, max_wait_ms=50)
+
+    def bug(*args):
+        raise RuntimeError("a bug in the worker")
+    batcher._join = bug
+    batcher.start()
+    future = batcher.submit(sentences[:2], SearchOptions())
+    with pytest.raises(BatcherUnavailable, match="the decoding worker stopped: RuntimeError: a bug in the worker"):
+        future.result(timeout=30)
+    batcher._thread.join(timeout=30)
+    assert not batcher.alive
+    with pytest.raises(BatcherUnavailable):
+        batcher.submit(sentences[:1], SearchOptions())
 
 
 def test_batcher_refuses_what_it_cannot_serve_faithfully(translator):
@@ -337,6 +435,17 @@ def test_load_test_refuses_a_non_loopback_server():
                           capture_output=True, timeout=60)
     assert proc.returncode == 2
     assert "refusing http://192.0.2.1:8000: the load test only targets this machine" in proc.stderr.decode()
+
+
+def test_load_test_reports_what_the_decoder_did_between_two_health_answers():
+    spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
+    load_test = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(load_test)
+    before = {"decoder": {"sentences": 10, "steps": 40, "sentence_steps": 100, "busy_s": 2.0, "uptime_s": 10.0}}
+    after = {"decoder": {"sentences": 74, "steps": 140, "sentence_steps": 2100, "busy_s": 6.5, "uptime_s": 15.0}}
+    assert load_test.decoder_during(before, after) == {
+        "steps": 100, "sentences": 64, "mean_batch_sentences": 20.0, "busy_fraction": pytest.approx(0.9)}
+    assert load_test.decoder_during({}, after) is None      # a server without decoder totals
 
 
 def test_an_overloaded_queue_answers_503_with_retry_after(model_path, sentences):
