@@ -10,6 +10,7 @@ running sum, the first model (to compare against) and one more, however many are
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,8 +25,18 @@ log = logging.getLogger(__name__)
 CHECKPOINT_SUFFIXES = (".ckpt", ".pt")
 
 
+def checkpoints_oldest_first(ckpt_dir: str | Path) -> list[Path]:
+    """The checkpoint files in a directory, oldest first: by epoch number when all are named
+    epochN.ckpt (as training's end-of-epoch checkpoints are), else by modification time."""
+    found = [p for p in Path(ckpt_dir).iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
+    epochs = [re.fullmatch(r"epoch(\d+)", p.stem) for p in found]
+    if found and all(epochs):
+        return [p for _, p in sorted(zip((int(m.group(1)) for m in epochs), found))]
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
 def latest_checkpoints(run_dir: str | Path, n: int) -> list[Path]:
-    """The `n` most recently modified checkpoint files of a run, oldest first.
+    """The `n` newest checkpoint files of a run (`checkpoints_oldest_first`), oldest first.
 
     They come from RUN_DIR/checkpoints/epochs (end-of-epoch checkpoints kept with
     train.keep_last_epochs) when it holds any, else from RUN_DIR/checkpoints.
@@ -37,8 +48,7 @@ def latest_checkpoints(run_dir: str | Path, n: int) -> list[Path]:
         ckpt_dir = ckpt_dir / "epochs"
     if not ckpt_dir.is_dir():
         raise InputError(f"no checkpoints directory in {run_dir} (expected {ckpt_dir})")
-    found = sorted((p for p in ckpt_dir.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES),
-                   key=lambda p: p.stat().st_mtime)
+    found = checkpoints_oldest_first(ckpt_dir)
     if len(found) < n:
         raise InputError(f"--last {n}: only {len(found)} checkpoint file(s) in {ckpt_dir}: "
                          f"{', '.join(p.name for p in found) or 'none'}")

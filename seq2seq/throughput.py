@@ -4,7 +4,8 @@ Lightning's own ThroughputMonitor counts samples and batches; translation people
 speed in target tokens (non-padding, EOS included), the figure the benchmark and the
 peers' numbers use. This callback measures it over a sliding window of steps, wall
 clock from one batch's end to the next (so data loading, the optimiser and periodic
-checkpoint saves count too; validation does not).
+checkpoint saves count too; validation does not). Under DDP each process measures its
+own rate and the logged figure is their sum.
 """
 
 from __future__ import annotations
@@ -40,5 +41,7 @@ class TokensPerSecond(L.Callback):
         self._last = now
         seconds = sum(s for s, _ in self._steps)
         if seconds > 0:
+            # with several processes (DDP) the figure is their sum: the speed of the whole run
             pl_module.log("train/tok_s", sum(n for _, n in self._steps) / seconds, prog_bar=True,
-                          on_step=True, on_epoch=False, batch_size=batch.src.size(0))
+                          on_step=True, on_epoch=False, batch_size=batch.src.size(0),
+                          sync_dist=trainer.world_size > 1, reduce_fx="sum")

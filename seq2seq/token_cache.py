@@ -16,8 +16,10 @@ tokenizer models, the SentencePiece version, the length filter and this format's
 (bump FORMAT_VERSION when the reading or filtering code changes). Changing the data or
 the tokenizer therefore selects a new entry; nothing stale is ever read. An entry is
 built in a temporary directory of its own and renamed into place, so a run killed while
-building leaves no half-written entry behind (only a `<key>.tmp-*` directory, which
-can be deleted), and two processes building the same entry at once both end with it.
+building leaves no half-written entry behind, and two processes building the same entry
+at once both end with it. The `<key>.tmp-*` directory a killed build leaves is removed
+by the next build in that cache once nothing in it has changed for STALE_BUILD_S.
+Entries are never evicted: delete CACHE_DIR (or an entry) to reclaim the space.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from .tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+STALE_BUILD_S = 3600.0   # a temporary build directory untouched this long belongs to a dead build
 _MISSING = object()
 
 
@@ -82,6 +85,28 @@ def _pairs_in_chunks(src_path: Path, tgt_path: Path, chunk: int) -> Iterator[tup
                 src_lines, tgt_lines = [], []
         if src_lines:
             yield src_lines, tgt_lines
+
+
+def remove_stale_builds(cache_dir: str | Path, older_than_s: float = STALE_BUILD_S) -> list[Path]:
+    """Delete `*.tmp-*` build directories in which no file changed for `older_than_s` seconds.
+
+    A live build writes its files continuously, so only builds that died are removed.
+    Returns the directories removed.
+    """
+    removed = []
+    now = time.time()
+    for tmp in Path(cache_dir).glob("*.tmp-*"):
+        if not tmp.is_dir():
+            continue
+        try:
+            newest = max([tmp.stat().st_mtime] + [f.stat().st_mtime for f in tmp.iterdir()])
+        except OSError:   # vanished meanwhile: another process finished or removed it
+            continue
+        if now - newest > older_than_s:
+            shutil.rmtree(tmp, ignore_errors=True)
+            log.warning("token cache: removed %s, left by a build that did not finish", tmp)
+            removed.append(tmp)
+    return removed
 
 
 def build(src_path: str | Path, tgt_path: str | Path, src_tok: Tokenizer, tgt_tok: Tokenizer, entry: Path, *,
@@ -191,6 +216,8 @@ def cached_dataset(src_path: str | Path, tgt_path: str | Path, src_tok: Tokenize
     if (entry / "cache.json").is_file():
         log.info("token cache: reusing %s", entry)
     else:
+        if entry.parent.is_dir():
+            remove_stale_builds(entry.parent)
         summary = build(src_path, tgt_path, src_tok, tgt_tok, entry, max_len=max_len, drop_empty=drop_empty)
         log.info("token cache: %s -> %s: %d pairs kept of %d (%d with an empty side, %d longer than %s "
                  "subwords) in %.1f s", src_path, entry, summary["pairs"], summary["pairs_read"],

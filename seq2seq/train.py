@@ -26,7 +26,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
 from . import toy
-from .average import average
+from .average import average, checkpoints_oldest_first
 from .checkpoint import CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
 from .cpu import keep_freed_memory
 from .datamodule import TranslationDataModule
@@ -158,10 +158,6 @@ def clear_previous_outputs(run_dir: Path) -> None:
         log.info("starting over: removed %s from an earlier run", path)
 
 
-def _epoch_number(path: Path) -> int:
-    return int(path.stem.removeprefix("epoch"))
-
-
 def valid_bleu(cfg: DictConfig, model_path: Path) -> float:
     """Greedy BLEU on the validation split: the score training selects checkpoints by."""
     src_path, ref_path = split_paths(cfg, "valid")
@@ -178,7 +174,7 @@ def select_average(cfg: DictConfig, best_pt: Path, epochs_dir: Path, run_dir: Pa
     copied to `best_pt` (model.pt); both candidates stay as model.best.pt and model.avg.pt.
     Returns what was chosen and why (results.json's "selection").
     """
-    found = sorted(epochs_dir.glob("epoch[0-9]*.ckpt"), key=_epoch_number) if epochs_dir.is_dir() else []
+    found = checkpoints_oldest_first(epochs_dir) if epochs_dir.is_dir() else []
     paths = found[-int(cfg.evaluate.average_last):]
     if len(paths) < 2:
         log.info("averaging: %d epoch checkpoint(s) in %s; keeping the best checkpoint", len(paths), epochs_dir)

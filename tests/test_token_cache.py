@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import numpy as np
 import pytest
@@ -138,6 +140,21 @@ def test_a_build_that_dies_leaves_no_entry(corpus, tok, tmp_path, monkeypatch):
     assert list((tmp_path / "cache").iterdir()) == []
     # the next run builds the entry whole
     assert len(cached_dataset(*corpus, tok, tok, tmp_path / "cache")) == 499
+
+
+def test_a_build_killed_outright_is_cleaned_up_by_a_later_build_once_stale(corpus, tok, tmp_path, caplog):
+    cache = tmp_path / "cache"
+    dead, live = cache / "abc.tmp-dead", cache / "abc.tmp-live"   # SIGKILL leaves such directories
+    for d in (dead, live):
+        d.mkdir(parents=True)
+        (d / "src.ids").write_bytes(b"\0" * 8)
+    old = time.time() - token_cache.STALE_BUILD_S - 60
+    for path in (dead / "src.ids", dead):
+        os.utime(path, (old, old))
+    with caplog.at_level(logging.WARNING, logger="seq2seq.token_cache"):
+        assert len(cached_dataset(*corpus, tok, tok, cache)) == 499
+    assert not dead.exists() and live.is_dir()      # a build still writing is left alone
+    assert f"removed {dead}, left by a build that did not finish" in caplog.text
 
 
 def test_empty_corpus_is_an_error_naming_the_files(tmp_path, tok):

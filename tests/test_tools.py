@@ -96,6 +96,21 @@ def test_average_last_n_takes_the_newest_files_of_a_run(untrained, tmp_path):
     assert average_main(["--output", str(out), "--last", "4", str(tmp_path / "run")]) == 2
 
 
+def test_epoch_checkpoints_are_ordered_by_epoch_number_whatever_their_times(tmp_path):
+    from seq2seq.average import checkpoints_oldest_first
+
+    epochs = tmp_path / "epochs"
+    epochs.mkdir()
+    # copied or restored files: modification times that contradict the epochs
+    for age, name in enumerate(["epoch010.ckpt", "epoch009.ckpt", "epoch002.ckpt"]):
+        (epochs / name).write_bytes(b"x")
+        os.utime(epochs / name, (1_000_000 + age * 100, 1_000_000 + age * 100))
+    assert [p.name for p in checkpoints_oldest_first(epochs)] == ["epoch002.ckpt", "epoch009.ckpt", "epoch010.ckpt"]
+    (epochs / "best.ckpt").write_bytes(b"x")          # any other name: modification time decides
+    os.utime(epochs / "best.ckpt", (999_000, 999_000))
+    assert [p.name for p in checkpoints_oldest_first(epochs)][0] == "best.ckpt"
+
+
 def test_average_refuses_different_models_naming_both_files(untrained, tmp_path, capsys):
     out = tmp_path / "avg.pt"
     assert average_main(["-o", str(out), str(untrained["a"]), str(untrained["c"])]) == 2

@@ -121,6 +121,11 @@ def test_ddp_spawn_on_two_cpu_processes_gathers_validation_over_all_ranks(tmp_pa
     last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
     assert last["global_step"] == 2 * 47
     assert results["test"]["beam1"]["n_sentences"] == 300
+    # the speed in the logs is the two processes' summed rate (synchronised each step)
+    import csv
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        rates = [float(row["train/tok_s"]) for row in csv.DictReader(f) if row.get("train/tok_s")]
+    assert rates and all(r > 0 for r in rates)
 
 
 def test_sigkill_mid_epoch_then_same_command_resumes(tmp_path, toy_data):
