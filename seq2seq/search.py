@@ -146,18 +146,16 @@ def constrain(log_probs: torch.Tensor, seqs: torch.Tensor, min_len: int, no_repe
     of it), and a row left with no allowed token gets EOS back, so every row can always
     finish.
     """
-    t = seqs.size(1)
-    short = (steps < min_len) if steps is not None and min_len else None       # (rows,)
-    if no_repeat_ngram == 0 and (t >= min_len if short is None else not short.any()):
+    if steps is None:
+        steps = torch.full((seqs.size(0),), seqs.size(1), dtype=torch.long, device=seqs.device)
+    short = steps < min_len                                                  # (rows,)
+    if no_repeat_ngram == 0 and not short.any():
         return log_probs
     eos = log_probs[:, EOS_ID].clone()                                       # (rows,)
     if no_repeat_ngram:
         log_probs.masked_fill_(repeated_ngram_mask(seqs, no_repeat_ngram, log_probs.size(-1)), float("-inf"))
         log_probs[:, EOS_ID] = eos
-    if short is not None:
-        log_probs[short, EOS_ID] = float("-inf")
-    elif t < min_len:
-        log_probs[:, EOS_ID] = float("-inf")
+    log_probs[short, EOS_ID] = float("-inf")
     stuck = torch.isneginf(log_probs).all(dim=-1)                            # (rows,)
     log_probs[stuck, EOS_ID] = eos[stuck]
     return log_probs

@@ -116,16 +116,20 @@ class Translator:
         order = sorted(range(len(todo)), key=lambda j: -len(ids[j]))
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            batch = collate([(j, np.asarray(ids[j], dtype=np.int64), _EMPTY) for j in chunk])
-            src, src_len = batch.src.to(self.device), batch.src_len.to(self.device)
-            limits = max_lengths(src_len, opts.max_len_a, opts.max_len_b, opts.max_output_len)
+            src, src_len, limits = self._source_batch([ids[j] for j in chunk], opts)
             hyps = search(self.model, src, src_len, limits, opts, generator=generator,
                           return_attention=return_attention)
-            for pos, (j, sentence_hyps) in enumerate(zip(chunk, hyps)):
-                n_src = int(batch.src_len[pos])
+            for j, n_src, sentence_hyps in zip(chunk, src_len.tolist(), hyps):
                 results[todo[j]] = [self._to_translation(h, ids[j], n_src, return_attention)
                                     for h in sentence_hyps]
         return results
+
+    def _source_batch(self, ids: Sequence[Sequence[int]], opts: SearchOptions
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Source ids -> src (n, src_len) with EOS, src_len (n,) and output limits (n,), on the device."""
+        batch = collate([(j, np.asarray(seq, dtype=np.int64), _EMPTY) for j, seq in enumerate(ids)])
+        src, src_len = batch.src.to(self.device), batch.src_len.to(self.device)
+        return src, src_len, max_lengths(src_len, opts.max_len_a, opts.max_len_b, opts.max_output_len)
 
     def stream(self, options: SearchOptions | None = None, *, return_attention: bool = False) -> TranslationStream:
         """A running search that sentences join and leave between decoder steps (for the service)."""
@@ -241,22 +245,12 @@ class TranslationStream:
             raise ValueError("blank lines are answered without the model: do not add them to a stream")
         if not lines:
             return
-        numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(lines) + 1))
-        self.add_ids(self.translator._encode_sources([line.strip() for line in lines], numbers), tags)
-
-    def add_ids(self, ids: Sequence[Sequence[int]], tags: Sequence) -> None:
-        """`add` for sentences already encoded (and cropped) into source subword ids."""
-        if len(ids) != len(tags):
-            raise ValueError(f"{len(ids)} sentences but {len(tags)} tags")
-        if not ids:
-            return
         t = self.translator
-        batch = collate([(j, np.asarray(seq, dtype=np.int64), _EMPTY) for j, seq in enumerate(ids)])
-        src, src_len = batch.src.to(t.device), batch.src_len.to(t.device)
-        o = self.options
-        limits = max_lengths(src_len, o.max_len_a, o.max_len_b, o.max_output_len)
+        numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(lines) + 1))
+        ids = t._encode_sources([line.strip() for line in lines], numbers)
+        src, src_len, limits = t._source_batch(ids, self.options)
         self.search.add(src, src_len, limits, tags)
-        for tag, seq, n in zip(tags, ids, batch.src_len.tolist()):
+        for tag, seq, n in zip(tags, ids, src_len.tolist()):
             self._sources[tag] = (seq, n)
 
     def step(self) -> list[tuple[object, list[Translation]]]:
