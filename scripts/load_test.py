@@ -134,15 +134,21 @@ def server_health(url: str) -> dict:
 
 def decoder_during(before: dict, after: dict) -> dict | None:
     """What the server's decoder did between two /health answers: steps, sentences, the
-    mean number of sentences per decoder step, and the fraction of the time it was busy."""
+    mean number of sentences per decoder step, the mean size of a group of sentences that
+    joined it, milliseconds per step, and the fraction of the time it was busy."""
     a, b = before.get("decoder"), after.get("decoder")
     if not a or not b:
         return None
     steps = b["steps"] - a["steps"]
     wall = b["uptime_s"] - a["uptime_s"]
-    return {"steps": steps, "sentences": b["sentences"] - a["sentences"],
+    joins = b.get("joins", 0) - a.get("joins", 0)
+    sentences = b["sentences"] - a["sentences"]
+    busy = b["busy_s"] - a["busy_s"]
+    return {"steps": steps, "sentences": sentences, "joins": joins,
             "mean_batch_sentences": (b["sentence_steps"] - a["sentence_steps"]) / steps if steps else None,
-            "busy_fraction": (b["busy_s"] - a["busy_s"]) / wall if wall > 0 else None}
+            "mean_join_sentences": sentences / joins if joins else None,
+            "ms_per_step": 1000 * busy / steps if steps else None,
+            "busy_fraction": busy / wall if wall > 0 else None}
 
 
 def offline_throughput(checkpoint: str, sentences: list[str], beam_size: int, batch_size: int) -> dict:
@@ -238,6 +244,8 @@ def table(result: dict) -> str:
         ("clients' CPU", f"{_fmt(100 * (load.get('client_cpu_fraction') or 0))}% of one core"),
         ("decoder", "not reported" if not load.get("decoder") else
          f"{load['decoder']['steps']} steps, {_fmt(load['decoder']['mean_batch_sentences'])} sentences per step, "
+         f"{_fmt(load['decoder'].get('ms_per_step'))} ms per step (joins included), "
+         f"{_fmt(load['decoder'].get('mean_join_sentences'))} sentences per join, "
          f"busy {_fmt(100 * (load['decoder']['busy_fraction'] or 0))}% of the time"),
         ("served/offline", _fmt(result["served_over_offline"], 3)),
     ]

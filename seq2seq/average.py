@@ -129,7 +129,7 @@ def average(paths: Sequence[str | Path], output: str | Path) -> Path:
     model.load_state_dict({k[len(PREFIX):]: v for k, v in state.items()}, strict=True)
     src_tok, tgt_tok = tokenizers_from_payload(info)
     meta = {k: v for k, v in info.get("meta", {}).items()
-            # validation scores described one checkpoint, not the average
-            if k not in ("best_val", "last_val")}
+            # validation scores and the length penalty tuned on them described one checkpoint
+            if k not in ("best_val", "last_val", "decoding")}
     meta["averaged_from"] = [str(p) for p in paths]
     return save_model(output, model, src_tok, tgt_tok, info.get("config"), meta, state_dict=state)

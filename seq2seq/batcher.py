@@ -1,6 +1,6 @@
 """Dynamic batching: sentences from concurrent requests decoded together, in one thread.
 
-    batcher = Batcher(translator, max_batch_sentences=64, max_wait_ms=10)
+    batcher = Batcher(translator, max_batch_sentences=64, max_wait_ms=10, join_group=8, join_wait_ms=100)
     batcher.start()
     future = batcher.submit(["ein Satz", ""], SearchOptions(beam_size=5))
     future.result()      # one list of Translations per sentence, as translate_hypotheses gives
@@ -11,9 +11,12 @@ that sentences join and leave between decoder steps, translate.py) per set of se
 options in flight, and steps them in turn. When nothing is in flight, the oldest
 queued sentence waits until `max_wait_ms` after it arrived (or until
 `max_batch_sentences` sentences are queued), so that a burst starts together. While
-sentences are in flight, queued ones join their options' stream before the next step,
-oldest first, up to `max_batch_sentences` in flight in all; each sentence's answer
-goes out at the step it finishes. Nobody waits for the longest sentence of a batch,
+sentences are in flight, queued ones join their options' stream between steps, oldest
+first, up to `max_batch_sentences` in flight in all, in groups: once `join_group` of
+them can join (or as many as there is room for), or once the oldest has waited
+`join_wait_ms`. A join encodes the newcomers and widens the state and memory of
+everything in flight, so joining a few at a time costs less than one per step (measured
+in docs/RESULTS.md). Each sentence's answer goes out at the step it finishes. Nobody waits for the longest sentence of a batch,
 the decoder never idles while work is queued, and no options starve others. A
 stream never mixes beam sizes or penalties (the first sentence of a request that
 asks for attention goes to a stream that keeps it). Padding is masked, so a
@@ -69,11 +72,13 @@ class DecoderStats:
     steps: int = 0                # decoder steps
     sentence_steps: int = 0       # sum over steps of the sentences in flight: / steps = mean batch
     busy_s: float = 0.0           # seconds spent encoding and stepping
+    joins: int = 0                # groups of sentences that started together (a stream's first batch counts)
     started: float = field(default_factory=time.monotonic)
 
     def as_dict(self) -> dict:
         return {"sentences": self.sentences, "steps": self.steps, "sentence_steps": self.sentence_steps,
                 "mean_batch_sentences": round(self.sentence_steps / self.steps, 2) if self.steps else None,
+                "joins": self.joins,
                 "busy_s": round(self.busy_s, 3), "uptime_s": round(time.monotonic() - self.started, 3)}
 
 
@@ -104,14 +109,18 @@ def _blank() -> list[Translation]:
 
 class Batcher:
     def __init__(self, translator: Streams, *, max_batch_sentences: int = 64, max_wait_ms: float = 10.0,
-                 history: int = 1000):
-        if max_batch_sentences < 1:
-            raise ValueError(f"max_batch_sentences must be >= 1, got {max_batch_sentences}")
-        if max_wait_ms < 0:
-            raise ValueError(f"max_wait_ms must be >= 0, got {max_wait_ms}")
+                 join_group: int = 8, join_wait_ms: float = 100.0, history: int = 1000):
+        for name, value in (("max_batch_sentences", max_batch_sentences), ("join_group", join_group)):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        for name, value in (("max_wait_ms", max_wait_ms), ("join_wait_ms", join_wait_ms)):
+            if value < 0:
+                raise ValueError(f"{name} must be >= 0, got {value}")
         self.translator = translator
         self.max_batch_sentences = max_batch_sentences
         self.max_wait_s = max_wait_ms / 1000.0
+        self.join_group = join_group
+        self.join_wait_s = join_wait_ms / 1000.0
         self.batches: deque[BatchRecord] = deque(maxlen=history)  # the most recent joins, oldest first
         self.stats = DecoderStats()
         self._queue: list[_Entry] = []
@@ -217,16 +226,21 @@ class Batcher:
     def _next_joiners(self, *, idle: bool, room: int) -> list[_Entry] | None:
         """Queued sentences to start now, oldest first, at most `room`.
 
-        With sentences in flight: whatever is queued, without waiting. With none: block
-        until the oldest has waited `max_wait_s` or `room` sentences are queued. None once
-        closed and drained.
+        With sentences in flight: never waits; takes them once `join_group` of them fit
+        (or as many as `room`), or the oldest has waited `join_wait_s`, else none yet.
+        With none in flight: blocks until the oldest has waited `max_wait_s` or `room`
+        sentences are queued. None once closed and drained.
         """
         with self._cond:
             while True:
                 # a request cancelled (timed out) or already failed needs none of its other sentences
                 self._queue = [e for e in self._queue if not e.request.future.done()]
                 if not idle:
-                    return self._take(max(room, 0))
+                    ready = min(len(self._queue), max(room, 0))
+                    if ready and (ready >= min(self.join_group, room) or self._closing
+                                  or time.monotonic() - self._queue[0].arrived >= self.join_wait_s):
+                        return self._take(ready)
+                    return []
                 if not self._queue:
                     if self._closing:
                         return None
@@ -259,6 +273,7 @@ class Batcher:
         finally:
             self.stats.busy_s += time.perf_counter() - start
         running.update((id(e), e) for e in group)
+        self.stats.joins += 1
         self.batches.append(BatchRecord(len(group), len({id(e.request) for e in group}), len(running)))
 
     def _step(self, stream: TranslationStream, running: dict[int, _Entry]) -> bool:

@@ -1,4 +1,5 @@
-"""`seq2seq-translate` and `seq2seq-evaluate`: thin command lines over Translator and metrics.
+"""The command lines (translate, evaluate, tune, average, info, plot-training): thin layers
+over Translator, metrics and the other modules.
 
 stdout carries results only (one line per input line, or the scores); logs and
 warnings go to stderr. A user mistake (missing file, bad checkpoint, mismatched line
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import IO
@@ -28,6 +30,7 @@ from .files import InputError, atomic_write, decode_lines, read_lines
 from .info import format_card, model_card
 from .metrics import corpus_scores
 from .translate import ForcedScore, SearchOptions, Translation, Translator
+from .tune import ALPHAS, choose_alpha, store_decoding
 
 log = logging.getLogger("seq2seq")
 
@@ -41,7 +44,9 @@ def _add_search_args(p: argparse.ArgumentParser, default_beam: int) -> None:
     g = p.add_argument_group("search")
     g.add_argument("--beam-size", type=int, default=None,
                    help=f"1 = greedy (default: {default_beam}; 1 with --sample)")
-    g.add_argument("--alpha", type=float, default=0.0, help="GNMT length penalty strength (default: 0)")
+    g.add_argument("--alpha", type=float, default=None,
+                   help="GNMT length penalty strength (default: the value chosen on validation and stored "
+                        "in the checkpoint, as seq2seq-info shows; else 0)")
     g.add_argument("--normalisation", choices=["gnmt", "average", "none"], default="gnmt",
                    help="how finished beams are ranked (default: gnmt)")
     g.add_argument("--max-len-a", type=float, default=1.5, help="output at most a*source_len+b subwords")
@@ -73,12 +78,21 @@ def _search_options(args: argparse.Namespace, default_beam: int, nbest: int = 1)
         raise InputError(f"--nbest must be between 1 and --beam-size ({args.beam_size}), got {nbest}")
     try:
         return SearchOptions(
-            beam_size=args.beam_size, nbest=nbest, alpha=args.alpha, normalisation=args.normalisation,
+            beam_size=args.beam_size, nbest=nbest, alpha=args.alpha or 0.0, normalisation=args.normalisation,
             max_len_a=args.max_len_a, max_len_b=args.max_len_b, min_len=args.min_len,
             no_repeat_ngram=args.no_repeat_ngram, coverage_penalty=args.coverage_penalty, sample=args.sample,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     except ValueError as e:
         raise InputError(str(e)) from None
+
+
+def _checkpoint_alpha(options: SearchOptions, args: argparse.Namespace, translator: Translator) -> SearchOptions:
+    """The checkpoint's tuned length penalty, unless --alpha was given."""
+    if args.alpha is not None or translator.default_alpha == options.alpha:
+        return options
+    log.info("length penalty alpha %g (chosen on validation, stored in the checkpoint; --alpha overrides)",
+             translator.default_alpha)
+    return replace(options, alpha=translator.default_alpha)
 
 
 def _run(main_fn, argv: Sequence[str] | None) -> int:
@@ -199,6 +213,7 @@ def _translate(argv: Sequence[str] | None) -> int:
         raise InputError("--targets gives targets to --score; add --score (or leave --targets out)")
     pairs = _score_pairs(args) if args.score else None
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device, max_source_len=args.max_source_len)
+    options = _checkpoint_alpha(options, args, translator)
     if pairs is not None:
         return _score(args, translator, pairs, options)
     lines = _input_lines(args)
@@ -325,6 +340,7 @@ def _evaluate(argv: Sequence[str] | None) -> int:
             raise InputError(f"{args.source} has {len(sources)} lines but {args.reference} has {len(refs)}")
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
                                                 max_source_len=args.max_source_len)
+        options = _checkpoint_alpha(options, args, translator)
         start = time.perf_counter()
         hyps = [h[0].text for h in translator.translate_hypotheses(sources, options, batch_size=args.batch_size)]
         log.info("translated %d lines in %.1f s", len(hyps), time.perf_counter() - start)
@@ -337,7 +353,8 @@ def _evaluate(argv: Sequence[str] | None) -> int:
     scores = corpus_scores(hyps, refs, lowercase=args.lowercase)
     if args.json:
         print(json.dumps({**scores.to_dict(), "beam_size": None if args.hypothesis else args.beam_size,
-                          "lowercase": args.lowercase, "checkpoint": _checkpoint_names(args.checkpoint)}))
+                          "alpha": None if args.hypothesis else options.alpha, "lowercase": args.lowercase,
+                          "checkpoint": _checkpoint_names(args.checkpoint)}))
     else:
         print(scores.format())
     return 0
@@ -423,6 +440,59 @@ def _average(argv: Sequence[str] | None) -> int:
 
 def average_main(argv: Sequence[str] | None = None) -> int:
     return _run(_average, argv)
+
+
+# ---- tune -----------------------------------------------------------------------
+
+def tune_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seq2seq-tune",
+        description="Choose the beam search's length penalty (GNMT alpha) on a validation set and store "
+                    "it in the checkpoint, where seq2seq-translate, -evaluate and -serve take it as their "
+                    "default. Never tune on the test set you report.")
+    p.add_argument("--checkpoint", "-c", required=True, help="a model.pt or .ckpt written by seq2seq-train")
+    p.add_argument("--source", "-s", required=True, help="validation sources, one per line")
+    p.add_argument("--reference", "-r", required=True, help="their reference translations")
+    p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS),
+                   help="comma-separated values to try (default: %(default)s)")
+    p.add_argument("--beam-size", type=int, default=5, help="(default: 5)")
+    p.add_argument("--batch-size", type=int, default=64, help="sentences decoded together (default: 64)")
+    p.add_argument("--output", "-o", help="write the tuned checkpoint here instead of updating it in place")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--json", action="store_true", help="print the choice as one JSON object")
+    p.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def _tune(argv: Sequence[str] | None) -> int:
+    args = tune_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    try:
+        alphas = [float(a) for a in args.alphas.split(",") if a.strip()]
+    except ValueError:
+        raise InputError(f"--alphas must be comma-separated numbers, got {args.alphas!r}") from None
+    if not alphas or min(alphas) < 0:
+        raise InputError(f"--alphas must be numbers >= 0, got {args.alphas!r}")
+    if args.beam_size < 1 or args.batch_size < 1:
+        raise InputError(f"--beam-size and --batch-size must be >= 1, got {args.beam_size} and {args.batch_size}")
+    sources, refs = read_lines(args.source), read_lines(args.reference)
+    if len(sources) != len(refs):
+        raise InputError(f"{args.source} has {len(sources)} lines but {args.reference} has {len(refs)}")
+    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    choice = choose_alpha(translator, sources, refs, beam_size=args.beam_size, alphas=alphas,
+                          batch_size=args.batch_size, data=args.source)
+    written = store_decoding(args.checkpoint, choice, args.output)
+    if args.json:
+        print(json.dumps({**choice, "checkpoint": str(written)}))
+    else:
+        for alpha, bleu in choice["grid"].items():
+            print(f"alpha {float(alpha):<4g} BLEU {bleu:6.2f}{'  <- chosen' if float(alpha) == choice['alpha'] else ''}")
+        print(f"({choice['bleu_signature']}, beam {choice['beam_size']}, {choice['data']}); stored in {written}")
+    return 0
+
+
+def tune_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_tune, argv)
 
 
 # ---- info -----------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """The model card: what a checkpoint is, read from the checkpoint alone.
 
 `model_card(path)` returns plain data (architecture, size, languages, data, tokenizer,
-best validation score with its sacreBLEU signature, training time, versions);
+best validation score with its sacreBLEU signature, the tuned length penalty, training
+time, versions);
 `format_card(card)` lays it out for a terminal.
 """
 
@@ -111,6 +112,7 @@ def model_card(path: str | Path) -> dict:
         "global_step": meta.get("global_step"),
         "train_seconds": meta.get("train_seconds"),
         "averaged_from": meta.get("averaged_from"),
+        "decoding": dict(meta["decoding"]) if meta.get("decoding") else None,
         "versions": {"seq2seq": meta.get("seq2seq_version"), "torch": meta.get("torch_version"),
                      "lightning": meta.get("lightning_version")},
     }
@@ -140,6 +142,15 @@ def _best_line(best: dict | None, averaged_from: list | None) -> str:
             f"step {best.get('step')}\n{'':17}{best.get('bleu_signature', '')}")
 
 
+def _decoding_line(decoding: dict | None) -> str:
+    if not decoding:
+        return "no length penalty stored (alpha 0 unless --alpha; seq2seq-tune chooses one)"
+    grid = decoding.get("grid") or {}
+    untuned = f"; alpha 0: {grid['0.0']:.2f}" if "0.0" in grid else ""
+    return (f"length penalty alpha {decoding['alpha']:g}, chosen with beam {decoding.get('beam_size')} on "
+            f"{decoding.get('data', '?')} (BLEU {decoding.get('bleu', float('nan')):.2f}{untuned})")
+
+
 def format_card(card: dict) -> str:
     """The card as aligned `label  value` lines."""
     v = card["versions"]
@@ -151,6 +162,7 @@ def format_card(card: dict) -> str:
         ("training data", f"{card['data'] or '?'}: {', '.join(card['train_files'] or []) or '?'}"),
         ("tokenizer", _tokenizer_line(card["tokenizer"])),
         ("best validation", _best_line(card["best_val"], card["averaged_from"])),
+        ("decoding", _decoding_line(card.get("decoding"))),
         ("trained", f"{_duration(card['train_seconds'])}; saved at epoch {card['epoch']}, step {card['global_step']}"
          if card["epoch"] is not None else _duration(card["train_seconds"])),
         ("versions", f"seq2seq {v['seq2seq'] or '?'}, torch {v['torch'] or '?'}, lightning {v['lightning'] or '?'}"),

@@ -65,6 +65,8 @@ class ServeSettings:
 
     max_batch_sentences: int = 64   # sentences in flight in the decoder at most
     batch_wait_ms: float = 10.0     # an idle decoder: how long the oldest queued sentence waits for company
+    join_group: int = 8             # a busy decoder: queued sentences join once this many fit ...
+    join_wait_ms: float = 100.0     # ... or once the oldest has waited this long
     max_sentences: int = 64         # per request
     max_chars: int = 2000           # per sentence
     max_body_bytes: int = 1_000_000  # per request body
@@ -74,7 +76,7 @@ class ServeSettings:
 
     def __post_init__(self):
         for name, value in asdict(self).items():
-            if name == "batch_wait_ms":
+            if name in ("batch_wait_ms", "join_wait_ms"):
                 ok, rule = value >= 0, ">= 0"
             elif name == "timeout_s":
                 ok, rule = value > 0, "> 0"
@@ -101,7 +103,9 @@ class TranslateRequest(BaseModel):
     text: list[str] = Field(description="sentences to translate; a blank one gives a blank translation")
     beam_size: int = Field(5, description="1 = greedy; at most the service's max_beam")
     nbest: int = Field(1, description="hypotheses per sentence (1..beam_size); above 1, lists per sentence")
-    alpha: float = Field(0.0, ge=0.0, allow_inf_nan=False, description="GNMT length penalty strength")
+    alpha: float | None = Field(None, ge=0.0, allow_inf_nan=False,
+                                description="GNMT length penalty strength (default: the model's, chosen on "
+                                            "validation; /info shows it under decoding)")
     normalisation: Literal[NORMALISATIONS] = Field("gnmt", description="how finished beams are ranked")
     attention: bool = Field(False, description="also return the first sentence's attention weights")
 
@@ -220,7 +224,8 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         translator = source
     model_name = Path(card["checkpoint"]).name if card and card.get("checkpoint") else None
     batcher = Batcher(translator, max_batch_sentences=settings.max_batch_sentences,
-                      max_wait_ms=settings.batch_wait_ms)
+                      max_wait_ms=settings.batch_wait_ms, join_group=settings.join_group,
+                      join_wait_ms=settings.join_wait_ms)
     page = _page()
 
     @asynccontextmanager
@@ -272,7 +277,8 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
             return _refusal(422, f"beam_size must be in 1..{settings.max_beam}, got {req.beam_size}",
                             limit="max_beam", value=settings.max_beam)
         try:
-            options = SearchOptions(beam_size=req.beam_size, nbest=req.nbest, alpha=req.alpha,
+            alpha = translator.default_alpha if req.alpha is None else req.alpha
+            options = SearchOptions(beam_size=req.beam_size, nbest=req.nbest, alpha=alpha,
                                     normalisation=req.normalisation)
         except ValueError as e:
             return _refusal(422, str(e))
@@ -335,7 +341,12 @@ def serve_parser() -> argparse.ArgumentParser:
                    help=f"sentences in flight in the decoder at most (default: {d.max_batch_sentences})")
     g.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms,
                    help=f"when the decoder is idle, how long a sentence waits for others to start with it; "
-                        f"while it runs, sentences join at its next step (default: {d.batch_wait_ms:g})")
+                        f"while it runs, sentences join it between steps (default: {d.batch_wait_ms:g})")
+    g.add_argument("--join-group", type=int, default=d.join_group,
+                   help=f"while the decoder runs, queued sentences join it once this many fit "
+                        f"(default: {d.join_group}) ...")
+    g.add_argument("--join-wait-ms", type=float, default=d.join_wait_ms,
+                   help=f"... or once the oldest has waited this long (default: {d.join_wait_ms:g})")
     g = p.add_argument_group("limits (each refusal is a 4xx naming the limit)")
     g.add_argument("--max-sentences", type=int, default=d.max_sentences,
                    help=f"per request (default: {d.max_sentences})")
@@ -357,6 +368,7 @@ def _settings(args: argparse.Namespace) -> ServeSettings:
     try:
         return ServeSettings(
             max_batch_sentences=args.max_batch_sentences, batch_wait_ms=args.batch_wait_ms,
+            join_group=args.join_group, join_wait_ms=args.join_wait_ms,
             max_sentences=args.max_sentences, max_chars=args.max_chars, max_body_bytes=args.max_body_bytes,
             timeout_s=args.timeout, max_beam=args.max_beam, max_queued=args.max_queued)
     except SettingError as e:

@@ -37,6 +37,7 @@ from .module import TranslationModule
 from .throughput import TokensPerSecond
 from .tokenizer import Tokenizer, train_tokenizer
 from .translate import SearchOptions, Translator
+from .tune import choose_alpha, store_decoding
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,12 @@ def check_config(cfg: DictConfig) -> ModelConfig:
                          f"set train.keep_last_epochs >= {avg} (it is {keep})")
     if cfg.train.batch_size < 1:
         raise InputError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    alpha, alphas = cfg.evaluate.alpha, list(cfg.evaluate.alphas or [])
+    if alpha is None and not alphas:
+        raise InputError("evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty: "
+                         "give the values to try, or a fixed evaluate.alpha")
+    if (alpha is not None and alpha < 0) or any(a < 0 for a in alphas):
+        raise InputError(f"length penalties must be >= 0, got evaluate.alpha={alpha}, evaluate.alphas={alphas}")
     return model_config
 
 
@@ -193,24 +200,39 @@ def select_average(cfg: DictConfig, best_pt: Path, epochs_dir: Path, run_dir: Pa
     return {"chosen": chosen, "valid_bleu_greedy": scores, "averaged": [p.name for p in paths]}
 
 
+def tune_length_penalty(cfg: DictConfig, model_pt: Path) -> dict:
+    """Choose the length penalty on the validation split and store it in model.pt (tune.py)."""
+    src_path, ref_path = split_paths(cfg, "valid")
+    choice = choose_alpha(Translator.from_checkpoint(model_pt), read_lines(src_path), read_lines(ref_path),
+                          beam_size=int(cfg.evaluate.beam_size), alphas=list(cfg.evaluate.alphas),
+                          batch_size=cfg.evaluate.batch_size, data=str(src_path))
+    store_decoding(model_pt, choice)
+    return choice
+
+
 def evaluate_test(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> dict | None:
-    """Translate the test split with the best checkpoint and score it."""
+    """Translate the test split with the exported model and score it.
+
+    The length penalty is evaluate.alpha, or when that is null the one stored in the
+    checkpoint (chosen on validation), exactly what seq2seq-evaluate uses by default.
+    """
     src_path, ref_path = split_paths(cfg, "test")
     if not (src_path.is_file() and ref_path.is_file()):
         log.info("no test split at %s: skipping the test evaluation", src_path)
         return None
     translator = Translator.from_checkpoint(checkpoint)
+    alpha = translator.default_alpha if cfg.evaluate.alpha is None else float(cfg.evaluate.alpha)
     sources, refs = read_lines(src_path), read_lines(ref_path)
     results = {}
     for beam in sorted({1, int(cfg.evaluate.beam_size)}):
-        opts = SearchOptions(beam_size=beam, alpha=cfg.evaluate.alpha)
+        opts = SearchOptions(beam_size=beam, alpha=alpha)
         start = time.perf_counter()
         hyps = [h[0].text for h in translator.translate_hypotheses(sources, opts, batch_size=cfg.evaluate.batch_size)]
         seconds = time.perf_counter() - start
         scores = corpus_scores(hyps, refs, hyp_name=f"beam {beam} output", ref_name=str(ref_path))
         with atomic_write(run_dir / f"test.beam{beam}.hyp") as f:
             f.write("".join(h + "\n" for h in hyps))
-        results[f"beam{beam}"] = {**scores.to_dict(), "seconds": seconds}
+        results[f"beam{beam}"] = {**scores.to_dict(), "alpha": opts.alpha, "seconds": seconds}
         log.info("test (%s, beam %d): %s", src_path, beam, scores.format().replace("\n", " | "))
     return results
 
@@ -278,6 +300,8 @@ def train(cfg: DictConfig) -> dict:
                               info["meta"], state_dict=ckpt["state_dict"])
         if cfg.evaluate.average_last > 0:
             summary["selection"] = select_average(cfg, model_pt, ckpt_dir / "epochs", run_dir)
+        if cfg.evaluate.alpha is None:
+            summary["decoding"] = tune_length_penalty(cfg, model_pt)
         summary["model"] = str(model_pt)
         summary["test"] = evaluate_test(cfg, model_pt, run_dir)
     with atomic_write(run_dir / "results.json") as f:

@@ -28,6 +28,7 @@ from .ensemble import Ensemble, load_models
 from .model import Seq2Seq
 from .search import BeamSearch, Hypothesis, SearchOptions, forced_log_probs, max_lengths, normalise, search
 from .tokenizer import Tokenizer
+from .tune import stored_alpha
 
 __all__ = ["ForcedScore", "SearchOptions", "Translation", "TranslationStream", "Translator"]
 
@@ -70,6 +71,10 @@ class Translator:
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.info = info or {}
         self.max_source_len = max_source_len
+        # the length penalty chosen on validation for this model (tune.py); an ensemble
+        # was never tuned as a whole, so it starts from no penalty
+        tuned = stored_alpha(self.info) if not isinstance(model, Ensemble) else None
+        self.default_alpha = tuned if tuned is not None else 0.0
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | Sequence[str | Path], device: str = "cpu",

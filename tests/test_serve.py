@@ -192,7 +192,7 @@ def test_health_info_openapi_and_the_page(client):
     health = client.get("/health").json()
     assert health["status"] == "ok" and health["queued_sentences"] == 0
     assert set(health["decoder"]) == {"sentences", "steps", "sentence_steps", "mean_batch_sentences",
-                                      "busy_s", "uptime_s"}
+                                      "joins", "busy_s", "uptime_s"}
     info = client.get("/info").json()
     assert info["parameters"] > 0 and info["src_lang"] == "src" and info["tgt_lang"] == "tgt"
     assert "best_val" in info and info["service"]["max_beam"] == 6
@@ -280,7 +280,7 @@ class GatedStreams:
 
 def test_a_sentence_joins_a_running_stream_at_its_next_step(translator, sentences):
     gated = GatedStreams(translator)
-    with Batcher(gated, max_batch_sentences=8, max_wait_ms=0) as batcher:
+    with Batcher(gated, max_batch_sentences=8, max_wait_ms=0, join_group=1) as batcher:
         first = batcher.submit(sentences[:2], SearchOptions(beam_size=3))
         assert gated.first_step.wait(30)                # decoding has started ...
         second = batcher.submit(sentences[2:3], SearchOptions(beam_size=3))
@@ -288,6 +288,25 @@ def test_a_sentence_joins_a_running_stream_at_its_next_step(translator, sentence
         results = first.result(timeout=30) + second.result(timeout=30)
     assert [h[0].text for h in results] == [h[0].text for h in offline(translator, sentences[:3], beam_size=3)]
     assert [(r.sentences, r.requests, r.live_after) for r in batcher.batches] == [(2, 1, 2), (1, 1, 3)]
+
+
+@pytest.mark.parametrize("group, wait_ms, joiners, records", [
+    (2, 60_000, 2, [(2, 1, 2), (2, 2, 4)]),   # a group of two is queued: it joins at the next step
+    (2, 60_000, 1, [(2, 1, 2), (1, 1, 1)]),   # one alone waits (the window is long) and starts afresh
+    (8, 0, 1, [(2, 1, 2), (1, 1, 3)]),        # alone, but it has waited its window: it joins
+], ids=["group_joins", "too_few_wait", "waited_joins"])
+def test_sentences_join_a_running_stream_in_groups(translator, sentences, group, wait_ms, joiners, records):
+    gated = GatedStreams(translator)
+    with Batcher(gated, max_batch_sentences=8, max_wait_ms=0, join_group=group, join_wait_ms=wait_ms) as batcher:
+        first = batcher.submit(sentences[:2], SearchOptions(beam_size=3))
+        assert gated.first_step.wait(30)                # decoding has started; these queue meanwhile
+        later = [batcher.submit(sentences[2 + i:3 + i], SearchOptions(beam_size=3)) for i in range(joiners)]
+        gated.gate.set()
+        results = first.result(timeout=30) + [f.result(timeout=30)[0] for f in later]
+    assert [h[0].text for h in results] == [h[0].text for h in
+                                           offline(translator, sentences[:2 + joiners], beam_size=3)]
+    assert [(r.sentences, r.requests, r.live_after) for r in batcher.batches] == records
+    assert batcher.stats.joins == len(records)
 
 
 def test_a_request_given_up_in_flight_leaves_the_decoder(translator, sentences):
@@ -315,7 +334,7 @@ def test_greedy_answers_score_as_offline_greedy_search_does(translator, sentence
 
 def test_different_options_decode_side_by_side_without_draining(translator, sentences):
     gated = GatedStreams(translator)
-    with Batcher(gated, max_batch_sentences=8, max_wait_ms=0) as batcher:
+    with Batcher(gated, max_batch_sentences=8, max_wait_ms=0, join_group=1) as batcher:
         beams = batcher.submit(sentences[:2], SearchOptions(beam_size=3))
         assert gated.first_step.wait(30)
         greedy = batcher.submit(sentences[2:4], SearchOptions(beam_size=1))
@@ -348,6 +367,10 @@ def test_batcher_refuses_what_it_cannot_serve_faithfully(translator):
         Batcher(translator).submit(["kime"], SearchOptions(beam_size=1, sample=True))
     with pytest.raises(ValueError, match="max_batch_sentences must be >= 1, got 0"):
         Batcher(translator, max_batch_sentences=0)
+    with pytest.raises(ValueError, match="join_group must be >= 1, got 0"):
+        Batcher(translator, join_group=0)
+    with pytest.raises(ValueError, match="join_wait_ms must be >= 0, got -1"):
+        Batcher(translator, join_wait_ms=-1)
     blank = Batcher(translator).submit(["", " "], SearchOptions())   # never started: blanks need no model
     assert [h[0].text for h in blank.result(timeout=1)] == ["", ""]
 
@@ -372,6 +395,10 @@ def test_bad_flags_and_checkpoints_are_one_line_and_exit_code_2(tmp_path, capsys
     assert capsys.readouterr().err == "error: --timeout must be > 0, got 0.0\n"
     assert main(["--checkpoint", "x.pt", "--max-sentences", "0"]) == 2
     assert capsys.readouterr().err == "error: --max-sentences must be >= 1, got 0\n"
+    assert main(["--checkpoint", "x.pt", "--join-wait-ms", "-5"]) == 2
+    assert capsys.readouterr().err == "error: --join-wait-ms must be >= 0, got -5.0\n"
+    assert main(["--checkpoint", "x.pt", "--join-group", "0"]) == 2
+    assert capsys.readouterr().err == "error: --join-group must be >= 1, got 0\n"
     with pytest.raises(ValueError, match="max_beam must be >= 1, got 0"):
         ServeSettings(max_beam=0)
 
@@ -441,10 +468,13 @@ def test_load_test_reports_what_the_decoder_did_between_two_health_answers():
     spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
     load_test = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load_test)
-    before = {"decoder": {"sentences": 10, "steps": 40, "sentence_steps": 100, "busy_s": 2.0, "uptime_s": 10.0}}
-    after = {"decoder": {"sentences": 74, "steps": 140, "sentence_steps": 2100, "busy_s": 6.5, "uptime_s": 15.0}}
+    before = {"decoder": {"sentences": 10, "steps": 40, "sentence_steps": 100, "joins": 3, "busy_s": 2.0,
+                          "uptime_s": 10.0}}
+    after = {"decoder": {"sentences": 74, "steps": 140, "sentence_steps": 2100, "joins": 11, "busy_s": 6.5,
+                         "uptime_s": 15.0}}
     assert load_test.decoder_during(before, after) == {
-        "steps": 100, "sentences": 64, "mean_batch_sentences": 20.0, "busy_fraction": pytest.approx(0.9)}
+        "steps": 100, "sentences": 64, "joins": 8, "mean_batch_sentences": 20.0, "mean_join_sentences": 8.0,
+        "ms_per_step": pytest.approx(45.0), "busy_fraction": pytest.approx(0.9)}
     assert load_test.decoder_during({}, after) is None      # a server without decoder totals
 
 

@@ -16,6 +16,15 @@ def test_toy_experiment_reaches_bleu_90_greedy_and_beam(toy_run):
     assert test["beam1"]["n_sentences"] == 300
 
 
+def test_the_length_penalty_is_chosen_on_validation_and_used_for_test(toy_run):
+    from seq2seq.translate import Translator
+    decoding = toy_run["results"]["decoding"]            # evaluate.alphas of the toy experiment: 0 and 1
+    assert set(decoding["grid"]) == {"0.0", "1.0"} and decoding["data"].endswith("valid.src")
+    assert decoding["bleu"] == max(decoding["grid"].values())
+    assert Translator.from_checkpoint(toy_run["model"]).default_alpha == decoding["alpha"]
+    assert toy_run["results"]["test"]["beam5"]["alpha"] == decoding["alpha"]
+
+
 def test_run_directory_holds_everything(toy_run):
     run = toy_run["dir"]
     for name in ("config.yaml", "results.json", "model.pt", "checkpoints/best.ckpt", "checkpoints/last.ckpt",
@@ -31,6 +40,8 @@ def test_run_directory_holds_everything(toy_run):
     ("model.bridge=magic", "choose one of: dense, zeros"),
     ("optim.scheduler=cosine", "choose one of: plateau, none"),
     ("evaluate.average_last=4", "set train.keep_last_epochs >= 4 (it is 0)"),
+    ("evaluate.alphas=[]", "evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty"),
+    ("evaluate.alpha=-1", "length penalties must be >= 0, got evaluate.alpha=-1"),
 ])
 def test_config_mistakes_fail_before_any_work(override, expected, tmp_path):
     proc = run_cli(["seq2seq-train", "experiment=toy", override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
