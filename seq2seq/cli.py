@@ -16,7 +16,6 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import replace
 from itertools import islice
 from pathlib import Path
 from typing import IO
@@ -78,7 +77,7 @@ def _search_options(args: argparse.Namespace, default_beam: int, nbest: int = 1)
         raise InputError(f"--nbest must be between 1 and --beam-size ({args.beam_size}), got {nbest}")
     try:
         return SearchOptions(
-            beam_size=args.beam_size, nbest=nbest, alpha=args.alpha or 0.0, normalisation=args.normalisation,
+            beam_size=args.beam_size, nbest=nbest, alpha=args.alpha, normalisation=args.normalisation,
             max_len_a=args.max_len_a, max_len_b=args.max_len_b, min_len=args.min_len,
             no_repeat_ngram=args.no_repeat_ngram, coverage_penalty=args.coverage_penalty, sample=args.sample,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
@@ -86,13 +85,12 @@ def _search_options(args: argparse.Namespace, default_beam: int, nbest: int = 1)
         raise InputError(str(e)) from None
 
 
-def _checkpoint_alpha(options: SearchOptions, args: argparse.Namespace, translator: Translator) -> SearchOptions:
-    """The checkpoint's tuned length penalty, unless --alpha was given."""
-    if args.alpha is not None or translator.default_alpha == options.alpha:
-        return options
-    log.info("length penalty alpha %g (chosen on validation, stored in the checkpoint; --alpha overrides)",
-             translator.default_alpha)
-    return replace(options, alpha=translator.default_alpha)
+def _checkpoint_alpha(options: SearchOptions, translator: Translator) -> SearchOptions:
+    """The options with alpha resolved: --alpha, else the value stored in the checkpoint."""
+    if options.alpha is None and translator.default_alpha:
+        log.info("length penalty alpha %g (chosen on validation, stored in the checkpoint; --alpha overrides)",
+                 translator.default_alpha)
+    return translator.resolve(options)
 
 
 def _run(main_fn, argv: Sequence[str] | None) -> int:
@@ -213,7 +211,7 @@ def _translate(argv: Sequence[str] | None) -> int:
         raise InputError("--targets gives targets to --score; add --score (or leave --targets out)")
     pairs = _score_pairs(args) if args.score else None
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device, max_source_len=args.max_source_len)
-    options = _checkpoint_alpha(options, args, translator)
+    options = _checkpoint_alpha(options, translator)
     if pairs is not None:
         return _score(args, translator, pairs, options)
     lines = _input_lines(args)
@@ -340,7 +338,7 @@ def _evaluate(argv: Sequence[str] | None) -> int:
             raise InputError(f"{args.source} has {len(sources)} lines but {args.reference} has {len(refs)}")
         translator = Translator.from_checkpoint(args.checkpoint, device=args.device,
                                                 max_source_len=args.max_source_len)
-        options = _checkpoint_alpha(options, args, translator)
+        options = _checkpoint_alpha(options, translator)
         start = time.perf_counter()
         hyps = [h[0].text for h in translator.translate_hypotheses(sources, options, batch_size=args.batch_size)]
         log.info("translated %d lines in %.1f s", len(hyps), time.perf_counter() - start)

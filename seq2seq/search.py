@@ -40,7 +40,7 @@ class SearchOptions:
 
     beam_size: int = 5
     nbest: int = 1
-    alpha: float = 0.0           # GNMT length penalty strength
+    alpha: float | None = None   # GNMT length penalty strength; None: the model's (Translator), else 0
     normalisation: str = "gnmt"  # gnmt | average | none
     max_len_a: float = 1.5       # output at most a * source subwords + b
     max_len_b: int = 10
@@ -61,6 +61,8 @@ class SearchOptions:
              f"nbest must be between 1 and beam_size ({self.beam_size}), got {self.nbest}"),
             (self.normalisation in NORMALISATIONS, f"Unknown length normalisation {self.normalisation!r}; "
                                                    f"choose one of: {', '.join(NORMALISATIONS)}"),
+            (self.alpha is None or (math.isfinite(self.alpha) and self.alpha >= 0),
+             f"alpha must be a finite number >= 0, got {self.alpha}"),
             (self.min_len >= 0, f"min_len must be >= 0, got {self.min_len}"),
             (self.no_repeat_ngram >= 0, f"no_repeat_ngram must be >= 0 (0 = off), got {self.no_repeat_ngram}"),
             (self.coverage_penalty >= 0, f"coverage_penalty must be >= 0, got {self.coverage_penalty}"),
@@ -528,7 +530,7 @@ def search(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Tenso
     if o.beam_size == 1 and o.nbest == 1 and o.coverage_penalty == 0:
         return greedy_search(model, src, src_len, max_len, return_attention, min_len=o.min_len,
                              no_repeat_ngram=o.no_repeat_ngram)
-    return beam_search(model, src, src_len, max_len, o.beam_size, nbest=o.nbest, alpha=o.alpha,
+    return beam_search(model, src, src_len, max_len, o.beam_size, nbest=o.nbest, alpha=o.alpha or 0.0,
                        normalisation=o.normalisation, min_len=o.min_len, no_repeat_ngram=o.no_repeat_ngram,
                        coverage_beta=o.coverage_penalty, return_attention=return_attention)
 

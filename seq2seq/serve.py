@@ -277,9 +277,8 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
             return _refusal(422, f"beam_size must be in 1..{settings.max_beam}, got {req.beam_size}",
                             limit="max_beam", value=settings.max_beam)
         try:
-            alpha = translator.default_alpha if req.alpha is None else req.alpha
-            options = SearchOptions(beam_size=req.beam_size, nbest=req.nbest, alpha=alpha,
-                                    normalisation=req.normalisation)
+            options = translator.resolve(SearchOptions(beam_size=req.beam_size, nbest=req.nbest,
+                                                       alpha=req.alpha, normalisation=req.normalisation))
         except ValueError as e:
             return _refusal(422, str(e))
         start = time.perf_counter()

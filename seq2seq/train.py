@@ -221,11 +221,11 @@ def evaluate_test(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> dict | No
         log.info("no test split at %s: skipping the test evaluation", src_path)
         return None
     translator = Translator.from_checkpoint(checkpoint)
-    alpha = translator.default_alpha if cfg.evaluate.alpha is None else float(cfg.evaluate.alpha)
+    alpha = None if cfg.evaluate.alpha is None else float(cfg.evaluate.alpha)
     sources, refs = read_lines(src_path), read_lines(ref_path)
     results = {}
     for beam in sorted({1, int(cfg.evaluate.beam_size)}):
-        opts = SearchOptions(beam_size=beam, alpha=alpha)
+        opts = translator.resolve(SearchOptions(beam_size=beam, alpha=alpha))
         start = time.perf_counter()
         hyps = [h[0].text for h in translator.translate_hypotheses(sources, opts, batch_size=cfg.evaluate.batch_size)]
         seconds = time.perf_counter() - start

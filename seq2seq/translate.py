@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -71,8 +71,8 @@ class Translator:
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.info = info or {}
         self.max_source_len = max_source_len
-        # the length penalty chosen on validation for this model (tune.py); an ensemble
-        # was never tuned as a whole, so it starts from no penalty
+        # the length penalty chosen on validation for this model (tune.py), used where
+        # options leave alpha None; an ensemble was never tuned as a whole: no penalty
         tuned = stored_alpha(self.info) if not isinstance(model, Ensemble) else None
         self.default_alpha = tuned if tuned is not None else 0.0
 
@@ -85,6 +85,11 @@ class Translator:
         return cls(model, src_tok, tgt_tok, info, device=device, max_source_len=max_source_len)
 
     from_checkpoints = from_checkpoint
+
+    def resolve(self, options: SearchOptions | None = None) -> SearchOptions:
+        """`options` (default: SearchOptions()) with alpha=None replaced by this model's default_alpha."""
+        options = options or SearchOptions()
+        return options if options.alpha is not None else replace(options, alpha=self.default_alpha)
 
     def sampling_generator(self, seed: int) -> torch.Generator:
         """The one source of randomness for sampling: seeded, on the model's device."""
@@ -109,7 +114,7 @@ class Translator:
         `generator` draws the samples when `options.sample` (default: seeded with
         options.seed); pass the same one to successive calls to continue one stream.
         """
-        opts = options or SearchOptions()
+        opts = self.resolve(options)
         if opts.sample and generator is None:
             generator = self.sampling_generator(opts.seed)
         results: list[list[Translation]] = [[Translation("", 0.0, 0.0, [])] for _ in lines]
@@ -168,7 +173,7 @@ class Translator:
         """
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
-        opts = options or SearchOptions()
+        opts = self.resolve(options)
         results: list[ForcedScore | None] = [None] * len(sources)
         todo = [i for i, line in enumerate(sources) if line.strip()]
         if not todo:
@@ -217,6 +222,7 @@ class TranslationStream:
     def __init__(self, translator: Translator, options: SearchOptions, *, return_attention: bool = False):
         if options.sample:
             raise ValueError("sampling cannot join a running search: a sample would depend on its neighbours")
+        options = translator.resolve(options)   # alpha None: the model's tuned length penalty
         self.translator, self.options, self.return_attention = translator, options, return_attention
         o = options
         # offline, these options run greedy search, whose score is the plain log-probability:

@@ -88,6 +88,21 @@ def test_the_choice_is_stored_in_the_checkpoint_and_read_back_as_the_default(mod
     assert "no length penalty stored" in format_card(model_card(model_pt))
 
 
+def test_options_without_alpha_take_the_models_everywhere_in_the_python_api(tuned, toy_data):
+    lines = (toy_data / "test.src").read_text().splitlines()[:3]
+    translator = Translator.from_checkpoint(tuned)
+    assert translator.resolve(SearchOptions(beam_size=3)).alpha == 1.4
+    assert translator.resolve(SearchOptions(beam_size=3, alpha=0.0)).alpha == 0.0
+    implicit = translator.translate_hypotheses(lines, SearchOptions(beam_size=3))
+    explicit = translator.translate_hypotheses(lines, SearchOptions(beam_size=3, alpha=1.4))
+    untuned = translator.translate_hypotheses(lines, SearchOptions(beam_size=3, alpha=0.0))
+    assert [h[0].score for h in implicit] == [h[0].score for h in explicit] != [h[0].score for h in untuned]
+    stream = translator.stream(SearchOptions(beam_size=3))
+    assert stream.options.alpha == 1.4
+    with pytest.raises(ValueError, match="alpha must be a finite number >= 0, got -1"):
+        SearchOptions(alpha=-1)
+
+
 def test_an_average_does_not_inherit_a_length_penalty_tuned_for_one_checkpoint(tuned, tmp_path):
     averaged = average([tuned, tuned], tmp_path / "avg.pt")
     assert "decoding" not in read_checkpoint(averaged)["seq2seq"]["meta"]
