@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import pytest
+import torch
 
 from .conftest import run_cli
 
@@ -241,8 +242,15 @@ def test_epoch_checkpoints_are_averaged_and_validation_chooses_model_pt(tmp_path
     assert sel["averaged"] == kept and sel["chosen"] == "average"
     assert sel["valid_bleu_greedy"] == {"best": 50.0, "average": 60.0}
     avg = (run / "model.avg.pt").read_bytes()
-    assert avg != b"an earlier run's average" and (run / "model.pt").read_bytes() == avg
-    assert (run / "model.best.pt").read_bytes() != avg
+    assert avg != b"an earlier run's average" and (run / "model.best.pt").read_bytes() != avg
+    # model.pt is the average, plus the length penalty chosen on validation afterwards
+    from seq2seq.checkpoint import read_checkpoint
+    chosen, average = read_checkpoint(run / "model.pt"), read_checkpoint(run / "model.avg.pt")
+    assert chosen["state_dict"].keys() == average["state_dict"].keys()
+    assert all(torch.equal(chosen["state_dict"][k], average["state_dict"][k]) for k in average["state_dict"])
+    assert chosen["seq2seq"]["meta"]["averaged_from"] == average["seq2seq"]["meta"]["averaged_from"]
+    assert chosen["seq2seq"]["meta"]["decoding"] == summary["decoding"]
+    assert "decoding" not in average["seq2seq"]["meta"]
     assert json.loads((run / "results.json").read_text())["selection"] == sel
     assert "earlier" not in (run / "logs" / "metrics.csv").read_text()
     # seq2seq-average --last N takes the epoch checkpoints, newest last
