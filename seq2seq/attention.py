@@ -29,24 +29,34 @@ class Attention(nn.Module):
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Attend with one query per sentence, or with a query for each of several steps.
+        """Attend with rows of queries, or with a query for each of several steps.
 
         Args:
-            query: (batch, query_size) or (batch, steps, query_size): decoder top states.
+            query: (rows, query_size) or (batch, steps, query_size): decoder top states.
+                With rows = group * batch, rows i*group .. i*group+group-1 all attend over
+                sentence i (the beams of one sentence share its memory, unreplicated).
             keys: (batch, src_len, key_dim) from `project_keys`.
             values: (batch, src_len, value_size) encoder outputs.
             mask: (batch, src_len) True at real tokens, False at padding.
         Returns:
-            context (batch, [steps,] value_size) and weights (batch, [steps,] src_len):
-            zero at padding, summing to one over each sentence.
+            context (rows or batch, [steps,] value_size) and weights (rows or batch, [steps,]
+            src_len): zero at padding, summing to one over each sentence.
         """
         single = query.dim() == 2
-        q = query.unsqueeze(1) if single else query                   # (batch, steps, query_size)
+        if single:
+            rows, batch = query.size(0), keys.size(0)
+            if rows % batch:
+                raise ValueError(f"{rows} query rows cannot share {batch} sentences' memory evenly")
+            q = query.view(batch, rows // batch, -1)                  # (batch, group, query_size)
+        else:
+            q = query                                                 # (batch, steps, query_size)
         scores = self.score(q, keys)                                  # (batch, steps, src_len)
         scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
         weights = torch.softmax(scores, dim=-1)                       # (batch, steps, src_len)
         context = torch.bmm(weights, values)                          # (batch, steps, value_size)
-        return (context.squeeze(1), weights.squeeze(1)) if single else (context, weights)
+        if single:
+            return context.reshape(rows, -1), weights.reshape(rows, -1)  # (rows, value_size), (rows, src_len)
+        return context, weights
 
 
 class BahdanauAttention(Attention):
@@ -63,7 +73,7 @@ class BahdanauAttention(Attention):
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         q = self.query_layer(query).unsqueeze(2)                    # (batch, steps, 1, attention_size)
-        energy = torch.tanh(q + keys.unsqueeze(1))                  # (batch, steps, src_len, attention_size)
+        energy = (q + keys.unsqueeze(1)).tanh_()   # (batch, steps, src_len, attention_size); in place: one buffer
         return self.energy_layer(energy).squeeze(-1)                # (batch, steps, src_len)
 
 
@@ -107,14 +117,19 @@ def build_attention(kind: str, query_size: int, value_size: int, attention_size:
 
 
 class Memory(NamedTuple):
-    """What the decoder attends over, computed once per batch of sentences."""
+    """What the decoder attends over, computed once per batch of sentences.
+
+    One row per sentence: a beam search keeps it so, and the decoder state's k beam rows
+    of a sentence share its row (see `Attention.forward`), so memory is never copied k
+    times, neither when a search starts nor when sentences join or leave it.
+    """
 
     values: torch.Tensor  # (batch, src_len, enc_out) encoder outputs
     keys: torch.Tensor    # (batch, src_len, key_dim) attention.project_keys(values)
     mask: torch.Tensor    # (batch, src_len) True at real tokens
 
     def index_select(self, index: torch.Tensor) -> Memory:
-        """Rows `index` (e.g. to expand for beams or retire finished sentences)."""
+        """Rows `index` (e.g. to retire finished sentences)."""
         return Memory(self.values.index_select(0, index), self.keys.index_select(0, index),
                       self.mask.index_select(0, index))
 

@@ -116,7 +116,11 @@ class Seq2Seq(nn.Module):
 
     def decode_step(self, prev: torch.Tensor, state: DecoderState, memory: Memory
                     ) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
-        """prev (batch,) -> log-probabilities (batch, vocab), new state, attention (batch, src_len)."""
+        """prev (rows,) -> log-probabilities (rows, vocab), new state, attention (rows, src_len).
+
+        rows is the state's rows: memory's batch, or a multiple g of it where rows
+        i*g .. i*g+g-1 belong to sentence i (its beams).
+        """
         attn_vec, state, weights = self.decoder.step(prev, state, memory)
         log_probs = torch.log_softmax(self.decoder.logits(attn_vec).float(), dim=-1)
         return log_probs, state, weights

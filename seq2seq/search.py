@@ -290,7 +290,8 @@ class BeamSearch:
 
     `beam_search` adds one batch and steps until it is done; the service (batcher.py)
     adds sentences as requests arrive, so each step decodes every sentence in flight.
-    A finished sentence is retired: its rows leave the decoder state and memory.
+    A finished sentence is retired: its rows leave the decoder state and memory. Memory
+    holds one row per sentence, which its k beam rows of the decoder state share.
 
     A sentence stops when it has `nbest` finished hypotheses and no live one can
     still beat them: live scores only fall as they grow, so dividing a live score by
@@ -342,9 +343,8 @@ class BeamSearch:
             raise ValueError(f"{n} sentences but {len(tags)} tags")
         if n == 0:
             return
-        memory, state = self.model.encode(src, src_len)
-        expand = torch.arange(n, device=device).repeat_interleave(k)          # (n*k,)
-        memory, state = memory.index_select(expand), state.index_select(expand)
+        memory, state = self.model.encode(src, src_len)   # memory stays one row per sentence
+        state = state.index_select(torch.arange(n, device=device).repeat_interleave(k))  # (n*k, ...)
         # only beam 0 is live at the start, so the first step does not pick k copies of one token
         beam_scores = torch.full((n, k), float("-inf"), device=device)
         beam_scores[:, 0] = 0.0                                                # (n, k)
@@ -454,7 +454,7 @@ class BeamSearch:
         self.beam_scores, self.steps, self.limit = self.beam_scores[keep], self.steps[keep], self.limit[keep]
         self.src_len, self.floor = self.src_len[keep], self.floor[keep]
         self.prev = self.prev[keep_rows]
-        self.state, self.memory = self.state.index_select(keep_rows), self.memory.index_select(keep_rows)
+        self.state, self.memory = self.state.index_select(keep_rows), self.memory.index_select(keep)
         # drop the columns and source positions no live sentence needs any more
         t, width = int(self.steps.max()), int(self.src_len.max())
         self.seqs = self.seqs[keep_rows, self.seqs.size(1) - t:]

@@ -141,3 +141,23 @@ def test_shared_and_tied_embeddings_are_one_matrix():
                                 decoder_hidden_sizes=[10], tie_embeddings=True, share_embeddings=True))
     w = model.encoder.embedding.weight
     assert model.decoder.embedding.weight is w and model.decoder.output_layer.weight is w
+
+
+@pytest.mark.parametrize("attention", ATTENTION_TYPES)
+def test_beam_rows_sharing_one_memory_row_equal_a_replicated_memory(attention):
+    """A sentence's k beams attend over its one memory row exactly as over k copies of it."""
+    torch.manual_seed(0)
+    model = Seq2Seq(ModelConfig(src_vocab_size=30, tgt_vocab_size=30, embedding_size=8, encoder_hidden_size=6,
+                                decoder_hidden_sizes=[12], attention=attention)).eval()
+    src, src_len = random_sources([5, 3, 7], 30, seed=2)
+    memory, state = model.encode(src, src_len)
+    k = 4
+    expand = torch.arange(3).repeat_interleave(k)                  # (3*k,) sentence of each beam row
+    state = state.index_select(expand)
+    prev = torch.randint(3, 30, (3 * k,))
+    shared = model.decode_step(prev, state, memory)                 # memory: 3 rows for 12 state rows
+    copied = model.decode_step(prev, state, memory.index_select(expand))
+    for a, b in zip((shared[0], shared[2], shared[1].feed), (copied[0], copied[2], copied[1].feed)):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="10 query rows cannot share 3 sentences"):
+        model.decode_step(prev[:10], state.index_select(torch.arange(10)), memory)
