@@ -79,6 +79,13 @@ scale                 (only when asked: --only ...,scale) corpora of --scale-pai
                         peak_rss_mb (the whole training process)}}; each part run in
                         its own child process
   train_rss_ratio       peak training RSS of the largest size / of the smallest
+profile               (only when asked: --only ...,profile) where the time goes, by
+                      torch.profiler (CPU, self time per operator), each {total_ms,
+                      ops: the --profile-rows largest [{op, self_ms, share, calls}]}:
+  train_step            one float32 training step (after --warmup steps) of a fresh
+                        model, batch --train-batch-size from the training data
+  beam5_batch, greedy_batch   translate_hypotheses of the first 64 test sentences in
+                        one batch (after a warm-up call), beam 5 / greedy
 
 Figures are throughput of this code on this CPU; FLOPs count only matmuls with
 parameters (6 per parameter per token for forward + backward), not attention scores
@@ -122,7 +129,7 @@ from seq2seq.tokenizer import PAD_ID, train_tokenizer
 from seq2seq.translate import SearchOptions, Translator
 
 SECTIONS = ("peak", "train", "decode", "memory")
-OPTIONAL_SECTIONS = ("scale",)  # minutes of work at millions of pairs: only when asked
+OPTIONAL_SECTIONS = ("scale", "profile")  # minutes of work at millions of pairs; profiler tables
 SCHEMA = "seq2seq-benchmark/1"
 CHILD_START = time.perf_counter()  # after imports: where a child's time to first step starts
 log = logging.getLogger("benchmark")
@@ -227,9 +234,9 @@ def check_inputs(args, sections: list[str]) -> None:
         raise InputError(f"checkpoint not found: {ckpt}")
     paths = data_paths(args)
     needed = []
-    if "train" in sections or "memory" in sections or "scale" in sections:
+    if {"train", "memory", "scale", "profile"} & set(sections):
         needed += ["train_src", "train_tgt"]
-    if "decode" in sections or "memory" in sections:
+    if {"decode", "memory", "profile"} & set(sections):
         needed += ["test_src", "test_ref"]
     for key in needed:
         if not paths[key].is_file():
@@ -377,8 +384,12 @@ def training_batches(args, src_tok, tgt_tok, opts: dict, count: int, batch_size:
 
 
 def run_training(model_config: dict, opts: dict, batches, *, warmup: int, steps: int, seed: int,
-                 autocast_dtype: torch.dtype | None = None, guard_s: float | None = None) -> dict:
-    """Warm-up then timed optimiser steps on a fresh model; per-step wall times and counts."""
+                 autocast_dtype: torch.dtype | None = None, guard_s: float | None = None,
+                 around_timed=contextlib.nullcontext) -> dict:
+    """Warm-up then timed optimiser steps on a fresh model; per-step wall times and counts.
+
+    around_timed: a context manager factory entered around each timed step (a profiler).
+    """
     torch.manual_seed(seed)
     model = build_model(dict(model_config)).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], betas=opts["betas"],
@@ -403,7 +414,7 @@ def run_training(model_config: dict, opts: dict, batches, *, warmup: int, steps:
         timed = i >= warmup
         t0 = time.perf_counter()
         try:
-            with time_limit(None if timed else guard_s):
+            with time_limit(None if timed else guard_s), (around_timed() if timed else contextlib.nullcontext()):
                 loss = step(batch)
         except StepTimeout:
             return {"skipped": f"warm-up step {i + 1} took over {guard_s:g} s; mode abandoned",
@@ -556,6 +567,39 @@ def bench_decode(args) -> dict:
                 f"{row['output_tokens_per_s']:9.0f} tok/s  BLEU {row['bleu']:.2f}")
         else:
             say(f"decode bf16 beam {beam:2d} batch   64: {row.get('error') or row.get('skipped')}")
+    return out
+
+
+# ---- profile -----------------------------------------------------------------------
+
+def top_ops(prof, rows: int) -> dict:
+    """A finished torch.profiler run as {total_ms, ops: the `rows` largest by self CPU time}."""
+    events = list(prof.key_averages())
+    total = sum(e.self_cpu_time_total for e in events) or 1
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return {"total_ms": total / 1000, "ops": [
+        {"op": e.key, "self_ms": e.self_cpu_time_total / 1000, "share": e.self_cpu_time_total / total,
+         "calls": e.count} for e in events[:rows]]}
+
+
+def bench_profile(args, model_config: dict, src_tok, tgt_tok, opts: dict) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    say(f"profile: one training step of {args.train_batch_size} after {args.warmup} warm-up steps ...")
+    batches, _ = training_batches(args, src_tok, tgt_tok, opts, args.warmup + 1, args.train_batch_size)
+    prof = profile(activities=[ProfilerActivity.CPU])
+    run_training(model_config, opts, batches, warmup=args.warmup, steps=1, seed=args.seed, around_timed=lambda: prof)
+    out["train_step"] = top_ops(prof, args.profile_rows)
+    lines, _ = test_lines(args)
+    translator = Translator.from_checkpoint(args.checkpoint)
+    for key, beam in (("beam5_batch", 5), ("greedy_batch", 1)):
+        say(f"profile: one {key.replace('_', ' ')} of {min(64, len(lines))} test sentences ...")
+        opts_ = SearchOptions(beam_size=beam)
+        translator.translate_hypotheses(lines[:8], opts_, batch_size=64)  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            translator.translate_hypotheses(lines[:64], opts_, batch_size=64)
+        out[key] = top_ops(prof, args.profile_rows)
     return out
 
 
@@ -764,6 +808,10 @@ def print_table(report: dict) -> None:
                 f"{t.get('peak_rss_mb', float('nan')):12,.0f}")
         ratio = report["scale"]["train_rss_ratio"]
         say(f"training RSS, largest / smallest corpus: {ratio:.2f}" if ratio else "training RSS ratio: n/a")
+    for key, table in report.get("profile", {}).items():
+        say(f"profile {key}: {table['total_ms']:.1f} ms of self CPU time; largest:")
+        for r in table["ops"][:10]:
+            say(f"  {r['op'][:44]:44s} {r['self_ms']:9.1f} ms {r['share']:6.1%} {r['calls']:6d} calls")
 
 
 # ---- command line --------------------------------------------------------------------
@@ -844,6 +892,9 @@ def parser() -> argparse.ArgumentParser:
                    help="leave glibc malloc as it is (seq2seq.cpu.keep_freed_memory not called)")
     g.add_argument("--input-feeding", choices=["checkpoint", "on", "off"], default="checkpoint",
                    help="train section: override the checkpoint's input feeding (default: as trained)")
+    g = p.add_argument_group("profile (only with --only ...,profile)")
+    g.add_argument("--profile-rows", type=positive_int, default=15,
+                   help="operators kept per profile, largest self time first (default: %(default)s)")
     g = p.add_argument_group("scale (only with --only ...,scale)")
     g.add_argument("--scale-pairs", type=int_list, default=[30_000, 5_000_000],
                    help="corpus sizes to synthesise and train on (default: 30000,5000000)")
@@ -886,6 +937,8 @@ def run(args) -> dict:
         report["memory"] = bench_memory(args)
     if "scale" in args.only:
         report["scale"] = bench_scale(args)
+    if "profile" in args.only:
+        report["profile"] = bench_profile(args, dict(info["model_config"]), src_tok, tgt_tok, opts)
     report["environment"]["malloc_tuned"] = not args.no_malloc_tuning
     report["elapsed_s"] = time.perf_counter() - started
     return report

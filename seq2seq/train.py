@@ -298,8 +298,14 @@ def train(cfg: DictConfig) -> dict:
         summary["best_val_bleu"] = info["meta"].get("best_val", {}).get("bleu", summary["best_val_bleu"])
         model_pt = save_model(run_dir / "model.pt", module.model, src_tok, tgt_tok, info["config"],
                               info["meta"], state_dict=ckpt["state_dict"])
+        # best_val_bleu: the best epoch checkpoint's, as the training loop scored it;
+        # model_val_bleu: model.pt's, which is the average when validation preferred it
+        summary["model_val_bleu"] = summary["best_val_bleu"]
         if cfg.evaluate.average_last > 0:
             summary["selection"] = select_average(cfg, model_pt, ckpt_dir / "epochs", run_dir)
+            scores = summary["selection"].get("valid_bleu_greedy")
+            if scores and summary["selection"]["chosen"] == "average":
+                summary["model_val_bleu"] = scores["average"]
         if cfg.evaluate.alpha is None:
             summary["decoding"] = tune_length_penalty(cfg, model_pt)
         summary["model"] = str(model_pt)

@@ -251,12 +251,12 @@ def test_progress_bar_on_a_terminal(toy_run, tmp_path):
     assert "40/40" in seen.decode() and "lines/s" in seen.decode()
 
 
-def test_benchmark_json_covers_training_and_the_scale_section(toy_run, tmp_path):
+def test_benchmark_json_covers_training_scale_and_profile(toy_run, tmp_path):
     """scripts/benchmark.py end to end on the toy model, sizes tiny: the JSON a user reads."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
     proc = subprocess.run(
         [sys.executable, str(script), "-c", str(toy_run["model"]), "--data", str(toy_run["data"]), "--src", "src",
-         "--tgt", "tgt", "--only", "train,scale", "--train-steps", "2", "--warmup", "1", "--train-batch-size", "16",
+         "--tgt", "tgt", "--test-split", "test", "--only", "train,scale,profile", "--train-steps", "2", "--warmup", "1", "--train-batch-size", "16",
          "--bf16-guard", "3", "--scale-pairs", "300,3000", "--scale-sp-sample", "500", "--scale-train-steps", "2",
          "--scale-dir", str(tmp_path / "scale"), "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -275,3 +275,10 @@ def test_benchmark_json_covers_training_and_the_scale_section(toy_run, tmp_path)
     assert len(list((tmp_path / "scale" / "pairs-3000" / "cache").iterdir())) == 1
     assert runs[1]["reuse_open_s"] < runs[1]["prepare"]["seconds"]
     assert report["scale"]["train_rss_ratio"] > 0
+    # where the time goes: operators by self time, largest first, shares of the total
+    for key in ("train_step", "beam5_batch", "greedy_batch"):
+        ops = report["profile"][key]["ops"]
+        assert ops and len(ops) <= 15 and all(o["calls"] >= 1 for o in ops)
+        assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
+        assert 0 < sum(o["share"] for o in ops) <= 1.0001
+    assert any("addmm" in o["op"] or o["op"] == "aten::mm" for o in report["profile"]["train_step"]["ops"])

@@ -241,6 +241,7 @@ def test_epoch_checkpoints_are_averaged_and_validation_chooses_model_pt(tmp_path
     sel = summary["selection"]
     assert sel["averaged"] == kept and sel["chosen"] == "average"
     assert sel["valid_bleu_greedy"] == {"best": 50.0, "average": 60.0}
+    assert summary["model_val_bleu"] == 60.0 and summary["best_val_bleu"] != 60.0  # model.pt's, not the epoch's
     avg = (run / "model.avg.pt").read_bytes()
     assert avg != b"an earlier run's average" and (run / "model.best.pt").read_bytes() != avg
     # model.pt is the average, plus the length penalty chosen on validation afterwards
