@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .files import InputError, read_lines
-from .tokenizer import BOS_ID, EOS_ID, PAD_ID, Tokenizer
+from .tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, Tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,52 @@ class ParallelDataset(Dataset):
     def lengths(self) -> np.ndarray:
         """(n,) the longer side of each pair, plus one for EOS/BOS: what batches pad to."""
         return np.maximum(self.src.lengths, self.tgt.lengths) + 1
+
+
+class SubwordSampling(Dataset):
+    """Training pairs segmented anew, at random, every time they are read (subword regularization).
+
+    Wraps a dataset of the usual (most probable) segmentations, memory-mapped or not:
+    item i is decoded back to its text and encoded again with SentencePiece sampling
+    (`Tokenizer.encode_sampled`), so the model sees the same sentence split into
+    different subwords from epoch to epoch, and nothing per sentence is held in memory.
+    A side keeps its usual ids when they contain an unknown piece (its text would not
+    come back from decoding) or when the sample is longer than `max_len`. Batches are
+    still bucketed by the usual lengths; samples are a little longer on average.
+
+    The draws come from SentencePiece's generator, seeded here: a fresh run with
+    num_workers 0 is reproducible, a resumed one draws other segmentations.
+    """
+
+    def __init__(self, base: Dataset, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer, alpha: float, *,
+                 nbest: int = -1, max_len: int | None = None, seed: int = 1):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"subword sampling alpha must be in (0, 1], got {alpha}")
+        if nbest == 0 or nbest < -1:
+            raise ValueError(f"subword sampling nbest must be -1 (all segmentations) or >= 1, got {nbest}")
+        self.base, self.alpha, self.nbest, self.max_len = base, alpha, nbest, max_len
+        self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
+        import sentencepiece as spm
+        spm.set_random_generator_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.base.lengths
+
+    def _sample(self, tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
+        if len(ids) == 0 or (ids == UNK_ID).any():
+            return ids
+        sampled = tokenizer.encode_sampled(tokenizer.decode([ids.tolist()])[0], self.alpha, self.nbest)
+        if not sampled or (self.max_len is not None and len(sampled) > self.max_len):
+            return ids
+        return np.asarray(sampled, dtype=np.int32)
+
+    def __getitem__(self, i: int) -> tuple[int, np.ndarray, np.ndarray]:
+        j, src, tgt = self.base[i]
+        return j, self._sample(self.src_tokenizer, src), self._sample(self.tgt_tokenizer, tgt)
 
 
 def collate(items: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> Batch:

@@ -8,7 +8,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from .data import BucketBatchSampler, ParallelDataset, collate
+from .data import BucketBatchSampler, ParallelDataset, SubwordSampling, collate
 from .token_cache import cached_dataset
 from .tokenizer import Tokenizer
 
@@ -56,6 +56,8 @@ class TranslationDataModule(L.LightningDataModule):
         seed: int = 1,
         num_workers: int = 0,
         cache_dir: str | Path | None = None,
+        subword_alpha: float = 0.0,
+        subword_nbest: int = -1,
     ):
         super().__init__()
         self.paths = (train_src, train_tgt, valid_src, valid_tgt)
@@ -63,6 +65,7 @@ class TranslationDataModule(L.LightningDataModule):
         self.batch_size, self.max_tokens, self.max_len = batch_size, max_tokens, max_len
         self.valid_batch_size, self.seed, self.num_workers = valid_batch_size, seed, num_workers
         self.cache_dir = cache_dir  # training pairs tokenized once into a memory-mapped cache there
+        self.subword_alpha, self.subword_nbest = subword_alpha, subword_nbest  # > 0: sampled segmentations
         self.train_set: ParallelDataset | None = None
         self.valid_set: ParallelDataset | None = None
         self.train_sampler: BucketBatchSampler | None = None
@@ -102,7 +105,11 @@ class TranslationDataModule(L.LightningDataModule):
             drop_uneven=False)
 
     def train_dataloader(self) -> DataLoader:
-        return ResumableDataLoader(self.train_set, batch_sampler=self.train_sampler, collate_fn=collate,
+        dataset = self.train_set
+        if self.subword_alpha > 0:
+            dataset = SubwordSampling(dataset, self.src_tokenizer, self.tgt_tokenizer, self.subword_alpha,
+                                      nbest=self.subword_nbest, max_len=self.max_len, seed=self.seed)
+        return ResumableDataLoader(dataset, batch_sampler=self.train_sampler, collate_fn=collate,
                                    num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> DataLoader:

@@ -52,6 +52,16 @@ class Tokenizer:
         """Subword ids of each line, without BOS/EOS."""
         return self.sp.encode(list(lines), out_type=int)
 
+    def encode_sampled(self, line: str, alpha: float, nbest: int = -1) -> list[int]:
+        """One random segmentation of `line` (subword regularization; SentencePiece draws it).
+
+        Unigram models sample among the `nbest` best segmentations (-1: all of them), each
+        weighted by its probability ** alpha (Kudo, 2018); BPE models skip each merge with
+        probability alpha (BPE-dropout, Provilkov et al., 2020). The draws come from
+        SentencePiece's own generator (`spm.set_random_generator_seed`).
+        """
+        return self.sp.encode(line, out_type=int, enable_sampling=True, alpha=alpha, nbest_size=nbest)
+
     def pieces(self, line: str) -> list[str]:
         return self.sp.encode(line, out_type=str)
 

@@ -81,6 +81,14 @@ def check_config(cfg: DictConfig) -> ModelConfig:
                          f"set train.keep_last_epochs >= {avg} (it is {keep})")
     if cfg.train.batch_size < 1:
         raise InputError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    sampling, nbest, sp_type = float(cfg.train.subword_alpha), int(cfg.train.subword_nbest), cfg.tokenizer.model_type
+    if not 0 <= sampling <= 1:
+        raise InputError(f"train.subword_alpha must be in [0, 1] (0 = off), got {sampling}")
+    if nbest == 0 or nbest < -1:
+        raise InputError(f"train.subword_nbest must be -1 (all segmentations) or >= 1, got {nbest}")
+    if sampling > 0 and sp_type not in ("unigram", "bpe"):
+        raise InputError(f"train.subword_alpha={sampling} samples segmentations, which only tokenizer.model_type "
+                         f"unigram or bpe have (it is {sp_type}); set train.subword_alpha=0")
     alpha, alphas = cfg.evaluate.alpha, list(cfg.evaluate.alphas or [])
     if alpha is None and not alphas:
         raise InputError("evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty: "
@@ -255,7 +263,8 @@ def train(cfg: DictConfig) -> dict:
     datamodule = TranslationDataModule(
         train_src, train_tgt, valid_src, valid_tgt, src_tok, tgt_tok,
         batch_size=cfg.train.batch_size, max_tokens=cfg.train.max_tokens, max_len=cfg.train.max_len,
-        seed=cfg.seed, num_workers=cfg.train.num_workers, cache_dir=token_cache_dir(cfg))
+        seed=cfg.seed, num_workers=cfg.train.num_workers, cache_dir=token_cache_dir(cfg),
+        subword_alpha=float(cfg.train.subword_alpha), subword_nbest=int(cfg.train.subword_nbest))
     plain_cfg = OmegaConf.to_container(cfg, resolve=True)
     module = TranslationModule(
         model_cfg.to_dict(), **OmegaConf.to_container(cfg.optim, resolve=True),

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from seq2seq.data import BucketBatchSampler, ParallelDataset, TokenArray, collate, read_parallel
-from seq2seq.datamodule import ResumableDataLoader
+from seq2seq.data import BucketBatchSampler, ParallelDataset, SubwordSampling, TokenArray, collate, read_parallel
+from seq2seq.datamodule import ResumableDataLoader, TranslationDataModule
 from seq2seq.files import InputError
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, train_tokenizer
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +109,65 @@ def test_training_filter_drops_long_and_empty_pairs(tmp_path, toy_data, toy_toke
     ds = ParallelDataset.from_files(tmp_path / "f.src", tmp_path / "f.tgt", toy_tokenizer, toy_tokenizer, max_len=30)
     assert len(ds) == 48
     assert int(torch.tensor(ds.lengths).max()) <= 31
+
+
+SENTENCES = ["the quick brown fox jumps over the lazy dog", "a dog runs through the snow",
+             "two men are playing football in a green field", "people walk along the river at night",
+             "a woman reads a book under a large tree", "children play with a red ball on the beach"] * 20
+
+
+@pytest.fixture(scope="module")
+def subword_tokenizer(tmp_path_factory):
+    path = tmp_path_factory.mktemp("sp") / "text.txt"
+    path.write_text("\n".join(SENTENCES) + "\n")
+    return train_tokenizer([path], 60, model_type="unigram")
+
+
+def test_subword_sampling_draws_other_segmentations_of_the_same_text(subword_tokenizer):
+    tok = subword_tokenizer
+    ids = TokenArray.from_lists(tok.encode(SENTENCES[:6]))
+    base = ParallelDataset(ids, ids)
+    sampled = SubwordSampling(base, tok, tok, 0.5, seed=3)
+    assert len(sampled) == 6 and np.array_equal(sampled.lengths, base.lengths)
+    seen = set()
+    for _ in range(10):
+        for i in range(6):
+            j, src, tgt = sampled[i]
+            assert j == i and src.dtype == np.int32
+            assert tok.decode([src.tolist()]) == tok.decode([tgt.tolist()]) == [SENTENCES[i]]  # same text
+            seen.add(tuple(src.tolist()))
+    assert len(seen) > 6                        # not always the usual segmentation
+    # the same seed draws the same segmentations again
+    first = [SubwordSampling(base, tok, tok, 0.5, seed=3)[i][1].tolist() for i in range(6)]
+    again = [SubwordSampling(base, tok, tok, 0.5, seed=3)[i][1].tolist() for i in range(6)]
+    assert first == again
+
+
+def test_subword_sampling_keeps_unknown_pieces_and_respects_max_len(subword_tokenizer):
+    tok = subword_tokenizer
+    usual = tok.encode([SENTENCES[0]])[0]
+    with_unk = [*usual[:3], UNK_ID, *usual[3:]]
+    base = ParallelDataset(TokenArray.from_lists([with_unk]), TokenArray.from_lists([usual]))
+    sampled = SubwordSampling(base, tok, tok, 1.0, seed=0, max_len=len(usual))
+    for _ in range(20):
+        _, src, tgt = sampled[0]
+        assert src.tolist() == with_unk                 # its text would not come back from decoding
+        assert len(tgt) <= len(usual)                   # longer samples fall back to the usual ids
+    with pytest.raises(ValueError, match=r"alpha must be in \(0, 1\], got 0"):
+        SubwordSampling(base, tok, tok, 0.0)
+    with pytest.raises(ValueError, match="nbest must be -1 .* got 0"):
+        SubwordSampling(base, tok, tok, 0.1, nbest=0)
+
+
+def test_datamodule_samples_training_pairs_only_when_asked(tmp_path, subword_tokenizer):
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.src").write_text("\n".join(SENTENCES[:12]) + "\n")
+        (tmp_path / f"{split}.tgt").write_text("\n".join(SENTENCES[:12]) + "\n")
+    paths = [tmp_path / name for name in ("train.src", "train.tgt", "valid.src", "valid.tgt")]
+    plain = TranslationDataModule(*paths, subword_tokenizer, subword_tokenizer, batch_size=4)
+    sampling = TranslationDataModule(*paths, subword_tokenizer, subword_tokenizer, batch_size=4, subword_alpha=0.3)
+    for dm in (plain, sampling):
+        dm.setup("fit")
+    assert isinstance(plain.train_dataloader().dataset, ParallelDataset)
+    assert isinstance(sampling.train_dataloader().dataset, SubwordSampling)
+    assert isinstance(sampling.val_dataloader().dataset, ParallelDataset)   # validation: usual segmentation

@@ -43,6 +43,9 @@ def test_run_directory_holds_everything(toy_run):
     ("evaluate.average_last=4", "set train.keep_last_epochs >= 4 (it is 0)"),
     ("evaluate.alphas=[]", "evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty"),
     ("evaluate.alpha=-1", "length penalties must be >= 0, got evaluate.alpha=-1"),
+    ("train.subword_alpha=1.5", "train.subword_alpha must be in [0, 1] (0 = off), got 1.5"),
+    ("train.subword_nbest=0", "train.subword_nbest must be -1 (all segmentations) or >= 1, got 0"),
+    ("train.subword_alpha=0.1", "only tokenizer.model_type unigram or bpe have (it is word)"),
 ])
 def test_config_mistakes_fail_before_any_work(override, expected, tmp_path):
     proc = run_cli(["seq2seq-train", "experiment=toy", override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
