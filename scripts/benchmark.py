@@ -595,10 +595,10 @@ def bench_profile(args, model_config: dict, src_tok, tgt_tok, opts: dict) -> dic
     translator = Translator.from_checkpoint(args.checkpoint)
     for key, beam in (("beam5_batch", 5), ("greedy_batch", 1)):
         say(f"profile: one {key.replace('_', ' ')} of {min(64, len(lines))} test sentences ...")
-        opts_ = SearchOptions(beam_size=beam)
-        translator.translate_hypotheses(lines[:8], opts_, batch_size=64)  # warm-up
+        search = SearchOptions(beam_size=beam)
+        translator.translate_hypotheses(lines[:8], search, batch_size=64)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            translator.translate_hypotheses(lines[:64], opts_, batch_size=64)
+            translator.translate_hypotheses(lines[:64], search, batch_size=64)
         out[key] = top_ops(prof, args.profile_rows)
     return out
 

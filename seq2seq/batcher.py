@@ -19,10 +19,10 @@ everything in flight, so joining a few at a time costs less than one per step (m
 in docs/RESULTS.md). Each sentence's answer goes out at the step it finishes. Nobody
 waits for the longest sentence of a batch, the decoder never idles while work is
 queued, and no options starve others. A stream never mixes beam sizes or penalties
-(the first sentence of a request that asks for attention goes to a stream that keeps it). Padding is masked, so a
-request's result is the one `translate_hypotheses` gives for its sentences offline
-(up to the last bits of floating-point sums, which can vary with the batch shape;
-the tests check that translations and scores match).
+(the first sentence of a request that asks for attention goes to a stream that keeps
+it). Padding is masked, so a request's result is the one `translate_hypotheses`
+gives for its sentences offline (up to the last bits of floating-point sums, which
+can vary with the batch shape; the tests check that translations and scores match).
 
 Only the worker thread touches the model: torch modules are not safe to run from
 several threads at once, and one step at a time is also what keeps a CPU busy

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import sentencepiece as spm
 import torch
 from torch.utils.data import Dataset, Sampler
 
@@ -183,7 +184,6 @@ class SubwordSampling(Dataset):
             raise ValueError(f"subword sampling nbest must be -1 (all segmentations) or >= 1, got {nbest}")
         self.base, self.alpha, self.nbest, self.max_len = base, alpha, nbest, max_len
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
-        import sentencepiece as spm
         spm.set_random_generator_seed(seed)
 
     def __len__(self) -> int:
