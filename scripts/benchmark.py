@@ -55,8 +55,10 @@ decode                translation of DATA/TEST_SPLIT.SRC with Translator.from_ch
   rows                  one per (dtype, beam, batch size), each {dtype, beam_size,
                         batch_size, seconds, sentences_per_s, output_tokens (hypothesis
                         subwords + 1 EOS per sentence), output_tokens_per_s, bleu, chrf,
-                        why (which sweep asked for the row)}; a bfloat16 row may instead
-                        carry {"error"} or {"skipped"}. Timing covers tokenization, search
+                        why (which sweep asked for the row)}; bfloat16 (weights cast) and
+                        int8 (Translator precision="int8") rows, greedy and beam 5 at batch
+                        64, add speedup_over_float32 (the float32 row of the same setting),
+                        or carry {"error"} or {"skipped"} instead. Timing covers tokenization, search
                         and detokenization (the whole translate_hypotheses call) after one
                         untimed warm-up call on a few sentences.
 memory                peak resident set size (ru_maxrss via os.wait4) of a fresh child
@@ -534,39 +536,48 @@ def bench_decode(args) -> dict:
         say(f"decode fp32 beam {beam:2d} batch {bs:4d}: {r['sentences_per_s']:8.1f} sent/s "
             f"{r['output_tokens_per_s']:9.0f} tok/s  BLEU {r['bleu']:.2f}")
 
-    if args.no_bf16_decode:
-        return out
-    try:
-        model, src_tok, tgt_tok, info = load_model(args.checkpoint)
-        bf16 = Translator(model.to(torch.bfloat16), src_tok, tgt_tok, info)
-    except Exception as e:  # noqa: BLE001
-        bf16, err = None, short_error(e)
-    for beam in (1, 5):
-        row = {"dtype": "bfloat16", "beam_size": beam, "batch_size": 64, "why": "bfloat16 weights"}
-        if bf16 is None:
-            row["error"] = err
-        else:
-            # a bf16 run may take at most 10x the float32 time of the same setting (>= guard)
-            ref = fp32_seconds.get((beam, 64))
-            limit = max(args.bf16_guard, 10 * ref) if ref else args.bf16_guard * 10
-            stage = "warm-up on 8 sentences"
-            try:
-                with time_limit(args.bf16_guard):
-                    bf16.translate_hypotheses(lines[:8], SearchOptions(beam_size=beam), batch_size=64)
-                stage = "full run (limit: 10x float32 time)"
-                r = decode_once(bf16, lines, refs, beam, 64, limit_s=limit)
-                r.pop("_signatures")
-                row.update(r)
-            except StepTimeout as e:
-                row["skipped"] = f"bfloat16 decoding, {stage}: {e}"
-            except Exception as e:  # noqa: BLE001
-                row["error"] = short_error(e)
-        out["rows"].append(row)
-        if "seconds" in row:
-            say(f"decode bf16 beam {beam:2d} batch   64: {row['sentences_per_s']:8.1f} sent/s "
-                f"{row['output_tokens_per_s']:9.0f} tok/s  BLEU {row['bleu']:.2f}")
-        else:
-            say(f"decode bf16 beam {beam:2d} batch   64: {row.get('error') or row.get('skipped')}")
+    variants = []  # (dtype, why, how to build its translator, guarded: may be too slow to finish)
+    if not args.no_bf16_decode:
+        def bf16_translator() -> Translator:
+            model, src_tok, tgt_tok, info = load_model(args.checkpoint)
+            return Translator(model.to(torch.bfloat16), src_tok, tgt_tok, info)
+        variants.append(("bfloat16", "bfloat16 weights", bf16_translator, True))
+    if not args.no_int8_decode:
+        variants.append(("int8", "int8 decoder matrices (seq2seq/quantize.py)",
+                         lambda: Translator.from_checkpoint(args.checkpoint, precision="int8"), False))
+    for dtype, why, build, guarded in variants:
+        try:
+            reduced, err = build(), None
+        except Exception as e:  # noqa: BLE001 - a precision this CPU or build cannot do is a result
+            reduced, err = None, short_error(e)
+        for beam in (1, 5):
+            row = {"dtype": dtype, "beam_size": beam, "batch_size": 64, "why": why}
+            if reduced is None:
+                row["error"] = err
+            else:
+                # a guarded run may take at most 10x the float32 time of the same setting (>= guard)
+                ref = fp32_seconds.get((beam, 64))
+                limit = (max(args.bf16_guard, 10 * ref) if ref else args.bf16_guard * 10) if guarded else None
+                stage = "warm-up on 8 sentences"
+                try:
+                    with time_limit(args.bf16_guard if guarded else None):
+                        reduced.translate_hypotheses(lines[:8], SearchOptions(beam_size=beam), batch_size=64)
+                    stage = "full run (limit: 10x float32 time)"
+                    r = decode_once(reduced, lines, refs, beam, 64, limit_s=limit)
+                    r.pop("_signatures")
+                    row.update(r)
+                    if ref:
+                        row["speedup_over_float32"] = ref / r["seconds"]
+                except StepTimeout as e:
+                    row["skipped"] = f"{dtype} decoding, {stage}: {e}"
+                except Exception as e:  # noqa: BLE001
+                    row["error"] = short_error(e)
+            out["rows"].append(row)
+            if "seconds" in row:
+                say(f"decode {dtype:>4.4} beam {beam:2d} batch   64: {row['sentences_per_s']:8.1f} sent/s "
+                    f"{row['output_tokens_per_s']:9.0f} tok/s  BLEU {row['bleu']:.2f}")
+            else:
+                say(f"decode {dtype:>4.4} beam {beam:2d} batch   64: {row.get('error') or row.get('skipped')}")
     return out
 
 
@@ -884,6 +895,7 @@ def parser() -> argparse.ArgumentParser:
                    help="beam sizes at batch size 64 (default: 1,2,5,10)")
     g.add_argument("--sentences", type=positive_int, default=None, help="decode only the first N test sentences")
     g.add_argument("--no-bf16-decode", action="store_true", help="skip the bfloat16 decoding rows")
+    g.add_argument("--no-int8-decode", action="store_true", help="skip the int8 decoding rows")
     g = p.add_argument_group("memory")
     g.add_argument("--memory-train-steps", type=positive_int, default=10,
                    help="training steps in the memory child (default: %(default)s)")

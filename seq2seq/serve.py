@@ -53,6 +53,7 @@ from . import __version__
 from .batcher import Batcher, BatcherUnavailable
 from .files import InputError
 from .info import model_card
+from .quantize import PRECISIONS, check_precision
 from .search import NORMALISATIONS, SearchOptions
 from .translate import Translation, Translator
 
@@ -209,7 +210,8 @@ def _page() -> str:
 
 
 def create_app(source: Translator | str | Path, settings: ServeSettings | None = None, *,
-               card: dict | None = None, device: str = "cpu", max_source_len: int = 250) -> FastAPI:
+               card: dict | None = None, device: str = "cpu", max_source_len: int = 250,
+               precision: str = "float32") -> FastAPI:
     """The service over a checkpoint path (its card is read from it) or a loaded Translator.
 
     A Translator comes without a file to read a card from: pass `card` for /info to
@@ -218,7 +220,8 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
     """
     settings = settings or ServeSettings()
     if isinstance(source, (str, Path)):
-        translator = Translator.from_checkpoint(source, device=device, max_source_len=max_source_len)
+        translator = Translator.from_checkpoint(source, device=device, max_source_len=max_source_len,
+                                                precision=precision)
         card = card or model_card(source)
     else:
         translator = source
@@ -312,7 +315,7 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
     async def info():
         if card is None:
             return _refusal(404, "no model card: this service was built from a Translator without one")
-        return {**card, "service": asdict(settings)}
+        return {**card, "service": {**asdict(settings), "precision": translator.precision}}
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def index() -> HTMLResponse:
@@ -333,6 +336,8 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default="float32",
+                   help="int8: the decoder's matrices in int8 (CPU only; default: float32)")
     p.add_argument("--max-source-len", type=int, default=250,
                    help="longer inputs are cropped to this many subwords, with a warning")
     g = p.add_argument_group("batching")
@@ -392,9 +397,14 @@ def _serve(argv: Sequence[str] | None) -> int:
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
     settings = _settings(args)
+    try:
+        check_precision(args.precision, args.device)
+    except ValueError as e:
+        raise InputError(f"--precision {args.precision} --device {args.device}: {e}") from None
     if not _is_loopback(args.host):
         log.warning("binding %s: the service has no authentication; anyone who can reach it can use it", args.host)
-    app = create_app(args.checkpoint, settings, device=args.device, max_source_len=args.max_source_len)
+    app = create_app(args.checkpoint, settings, device=args.device, max_source_len=args.max_source_len,
+                     precision=args.precision)
     log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.graceful_timeout))

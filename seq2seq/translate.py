@@ -26,6 +26,7 @@ from .cpu import keep_freed_memory
 from .data import collate
 from .ensemble import Ensemble, load_models
 from .model import Seq2Seq
+from .quantize import check_precision, for_precision
 from .search import BeamSearch, Hypothesis, SearchOptions, forced_log_probs, max_lengths, normalise, search
 from .tokenizer import Tokenizer
 from .tune import stored_alpha
@@ -64,10 +65,11 @@ class ForcedScore:
 class Translator:
     def __init__(self, model: Seq2Seq | Ensemble, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer,
                  info: dict | None = None, *, device: str | torch.device = "cpu",
-                 max_source_len: int = 250):
+                 max_source_len: int = 250, precision: str = "float32"):
         keep_freed_memory()
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.precision = precision
+        self.model = for_precision(model.to(self.device).eval(), precision, self.device)
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.info = info or {}
         self.max_source_len = max_source_len
@@ -78,11 +80,16 @@ class Translator:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path | Sequence[str | Path], device: str = "cpu",
-                        max_source_len: int = 250) -> Translator:
-        """A checkpoint, or a list of them: an ensemble averaging their log-probabilities."""
+                        max_source_len: int = 250, precision: str = "float32") -> Translator:
+        """A checkpoint, or a list of them: an ensemble averaging their log-probabilities.
+
+        precision: "float32", or "int8" (CPU only; quantize.py says what it changes).
+        """
+        check_precision(precision, device)  # before the (slow) load
         paths = [path] if isinstance(path, (str, Path)) else list(path)
         model, src_tok, tgt_tok, info = load_models(paths)
-        return cls(model, src_tok, tgt_tok, info, device=device, max_source_len=max_source_len)
+        return cls(model, src_tok, tgt_tok, info, device=device, max_source_len=max_source_len,
+                   precision=precision)
 
     from_checkpoints = from_checkpoint
 

@@ -6,6 +6,7 @@ API tests drive the app in-process through FastAPI's TestClient; only the SIGTER
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.util
 import json
 import os
@@ -73,6 +74,18 @@ def test_translations_equal_the_offline_translator_with_blanks_kept_in_place(cli
     assert body["translations"][1] == body["translations"][3] == ""
     assert body["scores"] == pytest.approx([h[0].score for h in expected], abs=1e-4)
     assert body["model"] == "model.pt" and body["elapsed_ms"] > 0 and body["attention"] is None
+
+
+def test_int8_service_equals_the_offline_int8_translator(model_path, sentences):
+    """int8 quantizes with fixed scales: batching with other requests changes nothing."""
+    offline_int8 = Translator.from_checkpoint(model_path, precision="int8")
+    with TestClient(create_app(model_path, LIMITS, precision="int8")) as c:
+        assert c.get("/info").json()["service"]["precision"] == "int8"
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            bodies = list(pool.map(lambda i: c.post("/translate", json={"text": sentences[i:i + 4], "beam_size": 3}),
+                                   range(0, 16, 4)))
+    got = [t for r in bodies for t in r.json()["translations"]]
+    assert got == [h[0].text for h in offline(offline_int8, sentences, beam_size=3)]
 
 
 def test_nbest_gives_each_sentence_a_list_best_first(client, translator, sentences):
@@ -195,7 +208,7 @@ def test_health_info_openapi_and_the_page(client):
                                       "joins", "busy_s", "uptime_s"}
     info = client.get("/info").json()
     assert info["parameters"] > 0 and info["src_lang"] == "src" and info["tgt_lang"] == "tgt"
-    assert "best_val" in info and info["service"]["max_beam"] == 6
+    assert "best_val" in info and info["service"]["max_beam"] == 6 and info["service"]["precision"] == "float32"
     spec = client.get("/openapi.json").json()
     assert "/translate" in spec["paths"] and "beam_size" in json.dumps(spec["components"])
     assert client.get("/docs").status_code == 200
@@ -399,6 +412,8 @@ def test_bad_flags_and_checkpoints_are_one_line_and_exit_code_2(tmp_path, capsys
     assert capsys.readouterr().err == "error: --join-wait-ms must be >= 0, got -5.0\n"
     assert main(["--checkpoint", "x.pt", "--join-group", "0"]) == 2
     assert capsys.readouterr().err == "error: --join-group must be >= 1, got 0\n"
+    assert main(["--checkpoint", "x.pt", "--precision", "int8", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err.startswith("error: --precision int8 --device cuda: precision int8 runs on the CPU only")
     with pytest.raises(ValueError, match="max_beam must be >= 1, got 0"):
         ServeSettings(max_beam=0)
 

@@ -251,19 +251,26 @@ def test_progress_bar_on_a_terminal(toy_run, tmp_path):
     assert "40/40" in seen.decode() and "lines/s" in seen.decode()
 
 
-def test_benchmark_json_covers_training_scale_and_profile(toy_run, tmp_path):
+def test_benchmark_json_covers_training_decoding_scale_and_profile(toy_run, tmp_path):
     """scripts/benchmark.py end to end on the toy model, sizes tiny: the JSON a user reads."""
     script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
     proc = subprocess.run(
         [sys.executable, str(script), "-c", str(toy_run["model"]), "--data", str(toy_run["data"]), "--src", "src",
-         "--tgt", "tgt", "--test-split", "test", "--only", "train,scale,profile", "--train-steps", "2", "--warmup", "1", "--train-batch-size", "16",
+         "--tgt", "tgt", "--test-split", "test", "--only", "train,decode,scale,profile", "--train-steps", "2", "--warmup", "1", "--train-batch-size", "16",
          "--bf16-guard", "3", "--scale-pairs", "300,3000", "--scale-sp-sample", "500", "--scale-train-steps", "2",
-         "--scale-dir", str(tmp_path / "scale"), "--json"],
+         "--scale-dir", str(tmp_path / "scale"), "--sentences", "20", "--batch-sizes", "64", "--beam-sizes", "1",
+         "--no-bf16-decode", "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     fp32 = report["train"]["float32"]
     assert fp32["tgt_tokens_per_s"] > 0 and 0 <= fp32["tgt_padding_fraction"] < 1
+    rows = {(r["dtype"], r["beam_size"], r["batch_size"]): r for r in report["decode"]["rows"]}
+    assert set(rows) == {(dtype, beam, 64) for dtype in ("float32", "int8") for beam in (1, 5)}
+    for (dtype, beam, _), r in rows.items():
+        assert r["sentences_per_s"] > 0 and 0 <= r["bleu"] <= 100.001, r  # sacrebleu can say 100.00000000000004
+        if dtype == "int8":
+            assert r["speedup_over_float32"] > 0 and abs(r["bleu"] - rows["float32", beam, 64]["bleu"]) < 10
     runs = report["scale"]["runs"]
     assert [r["pairs"] for r in runs] == [300, 3000]
     for r in runs:
