@@ -9,8 +9,8 @@ Two phases, one after the other, so they never compete for the CPU:
 
 1. offline: `Translator.translate_hypotheses` in this process over the first
    --offline-sentences lines of --sentences, with the server's checkpoint (from its
-   /info, or --checkpoint), the same beam size and the server's batch size
-   (max_batch_sentences; --offline-batch-size to choose), after a short warm-up. The server sits idle meanwhile.
+   /info, or --checkpoint), the same beam size, precision (float32 or int8) and the server's
+   batch size (max_batch_sentences; --offline-batch-size to choose), after a short warm-up. The server sits idle meanwhile.
 2. load: --clients concurrent clients (asyncio + httpx), each sending one sentence per
    request, cycling through --sentences, until --duration seconds have passed or
    --max-requests requests have been sent, after one warm-up request. Each request's
@@ -32,7 +32,7 @@ Output: a short table on stderr, and as the last line of stdout one JSON object:
                        server's /health totals before and after, or null without them;
                        client_cpu_fraction: this process's CPU time / wall time, i.e. the
                        share of a core the clients took from the machine}
-    offline            {checkpoint, sentences, batch_size, seconds, sentences_per_s},
+    offline            {checkpoint, precision, sentences, batch_size, seconds, sentences_per_s},
                        or null with --offline-sentences 0
     served_over_offline  load.sentences_per_s / offline.sentences_per_s (null without offline)
 
@@ -151,18 +151,19 @@ def decoder_during(before: dict, after: dict) -> dict | None:
             "busy_fraction": busy / wall if wall > 0 else None}
 
 
-def offline_throughput(checkpoint: str, sentences: list[str], beam_size: int, batch_size: int) -> dict:
+def offline_throughput(checkpoint: str, sentences: list[str], beam_size: int, batch_size: int,
+                       precision: str = "float32") -> dict:
     """Sentences per second of batch translation in this process (torch imported only here)."""
     from seq2seq.search import SearchOptions
     from seq2seq.translate import Translator
 
-    translator = Translator.from_checkpoint(checkpoint)
+    translator = Translator.from_checkpoint(checkpoint, precision=precision)
     options = SearchOptions(beam_size=beam_size)
     translator.translate_hypotheses(sentences[:2], options, batch_size=batch_size)   # warm-up
     start = time.perf_counter()
     translator.translate_hypotheses(sentences, options, batch_size=batch_size)
     seconds = time.perf_counter() - start
-    return {"checkpoint": checkpoint, "sentences": len(sentences), "batch_size": batch_size,
+    return {"checkpoint": checkpoint, "precision": precision, "sentences": len(sentences), "batch_size": batch_size,
             "seconds": round(seconds, 3), "sentences_per_s": len(sentences) / seconds}
 
 
@@ -264,7 +265,9 @@ def run(args: argparse.Namespace) -> dict:
             raise LoadTestError("the server's /info names no checkpoint: give --checkpoint for the offline baseline")
         baseline = list(itertools.islice(itertools.cycle(sentences), args.offline_sentences))
         batch_size = args.offline_batch_size or service.get("max_batch_sentences", 64)
-        offline = offline_throughput(checkpoint, baseline, args.beam_size, batch_size)
+        # the server's precision (int8 or float32), so that the ratio compares like with like
+        offline = offline_throughput(checkpoint, baseline, args.beam_size, batch_size,
+                                     service.get("precision", "float32"))
     before, cpu = server_health(url), time.process_time()
     load = summarise(asyncio.run(run_clients(url, sentences, args.clients, args.duration, args.max_requests,
                                              args.beam_size, args.request_timeout)))
