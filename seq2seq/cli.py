@@ -70,6 +70,14 @@ def _add_search_args(p: argparse.ArgumentParser, default_beam: int) -> None:
                    help="longer inputs are cropped to this many subwords, with a warning")
 
 
+def check_precision_flags(precision: str, device: str) -> None:
+    """--precision and --device together (seq2seq-translate, -evaluate, -serve): an InputError naming both."""
+    try:
+        check_precision(precision, device)
+    except ValueError as e:
+        raise InputError(f"--precision {precision} --device {device}: {e}") from None
+
+
 def _search_options(args: argparse.Namespace, default_beam: int, nbest: int = 1) -> SearchOptions:
     if args.beam_size is None:
         args.beam_size = 1 if args.sample else default_beam
@@ -77,10 +85,7 @@ def _search_options(args: argparse.Namespace, default_beam: int, nbest: int = 1)
         raise InputError(f"--beam-size must be >= 1, got {args.beam_size}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
-    try:
-        check_precision(args.precision, args.device)
-    except ValueError as e:
-        raise InputError(f"--precision {args.precision} --device {args.device}: {e}") from None
+    check_precision_flags(args.precision, args.device)
     if not 1 <= nbest <= args.beam_size:
         raise InputError(f"--nbest must be between 1 and --beam-size ({args.beam_size}), got {nbest}")
     try:

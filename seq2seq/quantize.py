@@ -117,14 +117,19 @@ class Int8LSTMCell(nn.Module):
             for k, (bound, spans) in enumerate(ranges.items()))
         self.input_size, self.hidden_size = cell.input_size, cell.hidden_size
 
+    def _columns(self, x: torch.Tensor, h: torch.Tensor, a: int, b: int) -> list[torch.Tensor]:
+        """Columns a..b of [x; h], as slices of x and h (no concatenated copy of both)."""
+        n = self.input_size
+        return ([x[:, a:min(b, n)]] if a < n else []) + ([h[:, max(a, n) - n:b - n]] if b > n else [])
+
     def forward(self, x: torch.Tensor, hidden: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (rows, input_size), hidden (h, c) each (rows, H) -> new (h, c)."""
         h, c = hidden
-        xh = torch.cat([x, h], dim=1)                                            # (rows, in + H)
         gates = None
         for spans, product in zip(self.groups, self.products):
-            part = torch.cat([xh[:, a:b] for a, b in spans], dim=1)              # (rows, group width)
+            pieces = [piece for a, b in spans for piece in self._columns(x, h, a, b)]
+            part = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)     # (rows, group width)
             out = product(part)                                                  # (rows, 4H)
             gates = out if gates is None else gates.add_(out)
         i, f, g, o = gates.chunk(4, dim=1)                                       # (rows, H) each

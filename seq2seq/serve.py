@@ -53,7 +53,7 @@ from . import __version__
 from .batcher import Batcher, BatcherUnavailable
 from .files import InputError
 from .info import model_card
-from .quantize import PRECISIONS, check_precision
+from .quantize import PRECISIONS
 from .search import NORMALISATIONS, SearchOptions
 from .translate import Translation, Translator
 
@@ -392,15 +392,14 @@ def _is_loopback(host: str) -> bool:
 def _serve(argv: Sequence[str] | None) -> int:
     import uvicorn  # the server is needed by the command line only; tests drive the app directly
 
+    from .cli import check_precision_flags  # the same message as seq2seq-translate's
+
     args = serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
     settings = _settings(args)
-    try:
-        check_precision(args.precision, args.device)
-    except ValueError as e:
-        raise InputError(f"--precision {args.precision} --device {args.device}: {e}") from None
+    check_precision_flags(args.precision, args.device)
     if not _is_loopback(args.host):
         log.warning("binding %s: the service has no authentication; anyone who can reach it can use it", args.host)
     app = create_app(args.checkpoint, settings, device=args.device, max_source_len=args.max_source_len,
