@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,6 +73,21 @@ def _compose(overrides):
     from hydra import compose, initialize_config_module
     with initialize_config_module(config_module="seq2seq.configs", version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
+
+
+EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_shipped_experiment_passes_the_config_check(experiment, tmp_path):
+    """Each recipe a user can name composes and is accepted before any work starts
+    (e.g. averaging no more checkpoints than it keeps, sampling only with unigram or BPE)."""
+    from seq2seq.train import check_config, split_paths
+    cfg = _compose([f"experiment={experiment}", f"data.dir={tmp_path}"])
+    for split in ("train", "valid"):
+        for path in split_paths(cfg, split):
+            path.touch()
+    check_config(cfg)
 
 
 def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy_data, monkeypatch):
