@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-from pathlib import Path
+from importlib import resources
 
 import pytest
 import torch
@@ -75,7 +75,9 @@ def _compose(overrides):
         return compose(config_name="train", overrides=overrides)
 
 
-EXPERIMENTS = sorted(p.stem for p in (Path(__file__).resolve().parents[1] / "configs" / "experiment").glob("*.yaml"))
+# the experiments `_compose` reads: the installed package's configs
+EXPERIMENTS = sorted(p.name.removesuffix(".yaml") for p in resources.files("seq2seq.configs.experiment").iterdir()
+                     if p.name.endswith(".yaml"))
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
