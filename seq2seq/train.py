@@ -21,9 +21,10 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, WeightAveraging
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from . import toy
 from .average import average, checkpoints_oldest_first
@@ -89,6 +90,11 @@ def check_config(cfg: DictConfig) -> ModelConfig:
     if sampling > 0 and sp_type not in ("unigram", "bpe"):
         raise InputError(f"train.subword_alpha={sampling} samples segmentations, which only tokenizer.model_type "
                          f"unigram or bpe have (it is {sp_type}); set train.subword_alpha=0")
+    decay, ema_start = float(cfg.train.ema_decay), int(cfg.train.ema_start_step)
+    if not 0 <= decay < 1:
+        raise InputError(f"train.ema_decay must be in [0, 1) (0 = off, e.g. 0.999), got {decay}")
+    if ema_start < 0:
+        raise InputError(f"train.ema_start_step must be >= 0, got {ema_start}")
     alpha, alphas = cfg.evaluate.alpha, list(cfg.evaluate.alphas or [])
     if alpha is None and not alphas:
         raise InputError("evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty: "
@@ -157,6 +163,52 @@ def epoch_checkpoints(cfg: DictConfig, ckpt_dir: Path) -> list[ModelCheckpoint]:
     return [ModelCheckpoint(dirpath=ckpt_dir / "epochs", filename="epoch{epoch:03d}", monitor="step", mode="max",
                             save_top_k=keep, every_n_epochs=1, save_on_train_epoch_end=True,
                             auto_insert_metric_name=False, enable_version_counter=False)]
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """checkpoints/last.ckpt every `every_n_train_steps` steps and at the end of every epoch.
+
+    ModelCheckpoint's own `save_last` skips the end of an epoch, and the end of fit once any
+    step-triggered save has happened, which left a finished run's last.ckpt up to
+    `every_n_train_steps - 1` steps behind: resuming it to train longer repeated those steps.
+    An epoch cut short by max_steps or max_time also ends here, before fit does.
+    """
+
+    def __init__(self, dirpath: Path, every_n_train_steps: int) -> None:
+        super().__init__(dirpath=dirpath, filename="last", save_top_k=0, save_last=True,
+                         every_n_train_steps=every_n_train_steps, enable_version_counter=False)
+
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        trainer.save_checkpoint(Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
+
+class MovingAverage(WeightAveraging):
+    """An exponential moving average of the weights, updated after every optimizer step.
+
+    Lightning's WeightAveraging does the bookkeeping: validation on the average, the average
+    as each checkpoint's `state_dict` with the raw weights beside it, resuming both. This
+    adds the EMA as one fused foreach update per step (EMAWeightAveraging updates tensor by
+    tensor) and a first step.
+    """
+
+    def __init__(self, decay: float, start_step: int = 0) -> None:
+        super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.start_step = start_step
+
+    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
+        return step_idx is not None and step_idx >= self.start_step
+
+
+def weight_averaging(cfg: DictConfig) -> list[MovingAverage]:
+    """An exponential moving average of the weights (train.ema_decay > 0).
+
+    Validation scores the averaged weights, and every checkpoint stores them as its
+    `state_dict` (the raw weights stay in `current_model_state` for resuming), so early
+    stopping, the plateau schedule, model.pt and checkpoint averaging all see the average.
+    """
+    decay = float(cfg.train.ema_decay)
+    return [MovingAverage(decay, int(cfg.train.ema_start_step))] if decay > 0 else []
 
 
 def clear_previous_outputs(run_dir: Path) -> None:
@@ -277,10 +329,9 @@ def train(cfg: DictConfig) -> dict:
     ckpt_dir = run_dir / "checkpoints"
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/bleu", mode="max",
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
-    last = ModelCheckpoint(dirpath=ckpt_dir, filename="last", save_top_k=0, save_last=True,
-                           every_n_train_steps=cfg.train.checkpoint_every_n_steps, enable_version_counter=False)
+    last = LastCheckpoint(ckpt_dir, every_n_train_steps=cfg.train.checkpoint_every_n_steps)
     callbacks = [best, last, LearningRateMonitor(logging_interval="epoch"), TokensPerSecond(),
-                 *epoch_checkpoints(cfg, ckpt_dir),
+                 *epoch_checkpoints(cfg, ckpt_dir), *weight_averaging(cfg),
                  EarlyStopping(monitor="val/bleu", mode="max", patience=cfg.train.early_stopping_patience,
                                check_finite=True, strict=False)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger),

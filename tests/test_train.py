@@ -47,6 +47,7 @@ def test_run_directory_holds_everything(toy_run):
     ("train.subword_alpha=1.5", "train.subword_alpha must be in [0, 1] (0 = off), got 1.5"),
     ("train.subword_nbest=0", "train.subword_nbest must be -1 (all segmentations) or >= 1, got 0"),
     ("train.subword_alpha=0.1", "only tokenizer.model_type unigram or bpe have (it is word)"),
+    ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1) (0 = off, e.g. 0.999), got 1.0"),
 ])
 def test_config_mistakes_fail_before_any_work(override, expected, tmp_path):
     proc = run_cli(["seq2seq-train", "experiment=toy", override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
@@ -277,6 +278,43 @@ def test_epoch_checkpoints_are_averaged_and_validation_chooses_model_pt(tmp_path
     assert "earlier" not in (run / "logs" / "metrics.csv").read_text()
     # seq2seq-average --last N takes the epoch checkpoints, newest last
     assert [p.name for p in latest_checkpoints(run, 2)] == ["epoch002.ckpt", "epoch003.ckpt"]
+
+
+def test_moving_average_of_the_weights_is_what_checkpoints_validate_and_export(tmp_path, toy_data, monkeypatch):
+    """train.ema_decay: every checkpoint's state_dict is the average, the raw weights ride along
+    for resuming, model.pt is the average, last.ckpt holds the final step, and a resumed run
+    continues the same average instead of starting a new one."""
+    import seq2seq.train as train_module
+    from seq2seq.checkpoint import read_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    run = tmp_path / "run"
+    overrides = ["experiment=toy", f"data.dir={toy_data}", "model.embedding_size=16", "model.encoder_hidden_size=16",
+                 "model.decoder_hidden_sizes=[24]", "train.ema_decay=0.9", "evaluate.alpha=0",
+                 "train.checkpoint_every_n_steps=50", f"hydra.run.dir={run}"]
+
+    def fit(*limits):
+        cfg = _compose([*overrides, *limits])
+        cfg.paths.output_dir = str(run)
+        return train_module.train(cfg)
+
+    def differs(ckpt):
+        return any(not torch.equal(ckpt["state_dict"][k], ckpt["current_model_state"][k]) for k in ckpt["state_dict"])
+
+    # stopped mid-epoch (as max_time does): a step-triggered save at 50, then the cut-short epoch's end
+    first = fit("trainer.max_epochs=1", "trainer.max_steps=70", "trainer.val_check_interval=35")
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert differs(best) and differs(last)
+    assert int(last["averaging_state"]["n_averaged"]) == last["global_step"] == first["steps"]
+    exported = read_checkpoint(run / "model.pt")["state_dict"]
+    assert exported.keys() == best["state_dict"].keys()
+    assert all(torch.equal(exported[k], best["state_dict"][k]) for k in exported)
+
+    second = fit("trainer.max_epochs=2")       # resumes from last.ckpt and keeps averaging
+    last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
+    assert first["steps"] == 70 < second["steps"]
+    assert int(last["averaging_state"]["n_averaged"]) == last["global_step"] == second["steps"]
 
 
 def test_csv_metrics_of_a_resumed_run_keep_the_rows_from_before(tmp_path):
