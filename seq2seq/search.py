@@ -201,6 +201,9 @@ def sample_token(log_probs: torch.Tensor, *, temperature: float, top_k: int, top
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
 
+FAST_GREEDY = True   # False forces greedy through the full log-softmax path (tests compare the two)
+
+
 def _one_path(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Tensor, choose,
               return_attention: bool, min_len: int, no_repeat_ngram: int) -> list[list[Hypothesis]]:
     """Decode one hypothesis per sentence, `choose` picking each next token.
@@ -218,13 +221,20 @@ def _one_path(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Te
     rows = torch.arange(batch, device=device)   # original index of each live row
     prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
     limit = max_len.to(device)
+    # plain greedy steps may skip the full log-softmax (Seq2Seq.greedy_step)
+    fast = choose is argmax_token and not no_repeat_ngram and FAST_GREEDY and hasattr(model, "greedy_step")
     for t in range(steps):
-        log_probs, state, weights = model.decode_step(prev, state, memory)  # (live, vocab)
-        if t < min_len or no_repeat_ngram:
-            log_probs = constrain(log_probs, out[rows, :t], min_len, no_repeat_ngram)
-        token = choose(log_probs)                                           # (live,)
+        step = model.greedy_step(prev, state, memory) if fast and t >= min_len else None
+        if step is not None:
+            token, token_lp, state, weights = step                          # (live,), (live,)
+        else:
+            log_probs, state, weights = model.decode_step(prev, state, memory)  # (live, vocab)
+            if t < min_len or no_repeat_ngram:
+                log_probs = constrain(log_probs, out[rows, :t], min_len, no_repeat_ngram)
+            token = choose(log_probs)                                       # (live,)
+            token_lp = log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
         out[rows, t] = token
-        scores[rows] += log_probs.gather(1, token.unsqueeze(1)).squeeze(1)
+        scores[rows] += token_lp
         lengths[rows] = t + 1
         if attn is not None:
             attn[rows, t] = weights.float()

@@ -23,6 +23,36 @@ def test_beam_size_one_is_greedy(tiny_model):
         assert g[0].log_prob == pytest.approx(b[0].log_prob, abs=1e-4)
 
 
+@pytest.mark.parametrize("min_len", [0, 3])
+def test_greedy_shortcut_equals_the_full_log_softmax_path(tiny_model, monkeypatch, min_len):
+    """Seq2Seq.greedy_step (vocabulary-major logits, no full log-softmax) picks the same tokens
+    with the same log-probabilities as decode_step + argmax, with and without a minimum length;
+    an output layer that is not a plain nn.Linear falls back to decode_step."""
+    import seq2seq.search as search_module
+
+    src, src_len = random_sources([6, 2, 9, 4, 1])
+    limits = max_lengths(src_len, 1.5, 3, 50)
+    fast = greedy_search(tiny_model, src, src_len, limits, min_len=min_len)
+    monkeypatch.setattr(search_module, "FAST_GREEDY", False)
+    full = greedy_search(tiny_model, src, src_len, limits, min_len=min_len)
+    assert [h[0].tokens for h in fast] == [h[0].tokens for h in full]
+    assert [h[0].log_prob for h in fast] == pytest.approx([h[0].log_prob for h in full], abs=1e-5)
+    assert all(len(h[0].tokens) >= min_len for h in fast)
+
+    class Wrapped(torch.nn.Module):   # e.g. the int8 layer: not an nn.Linear
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    prev, (memory, state) = torch.full((5,), 1), tiny_model.encode(src, src_len)
+    assert tiny_model.greedy_step(prev, state, memory) is not None
+    monkeypatch.setattr(tiny_model.decoder, "output_layer", Wrapped(tiny_model.decoder.output_layer))
+    assert tiny_model.greedy_step(prev, state, memory) is None
+
+
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_sentence_alone_equals_sentence_in_a_batch_of_longer_ones(tiny_model, beam_size):
     src, src_len = random_sources([3, 11, 8, 12])
