@@ -125,18 +125,22 @@ class Seq2Seq(nn.Module):
         log_probs = torch.log_softmax(self.decoder.logits(attn_vec).float(), dim=-1)
         return log_probs, state, weights
 
+    @property
+    def has_greedy_shortcut(self) -> bool:
+        """Whether `greedy_step` applies: the output layer is a plain nn.Linear with a bias (not int8)."""
+        layer = self.decoder.output_layer
+        return type(layer) is nn.Linear and layer.bias is not None
+
     def greedy_step(self, prev: torch.Tensor, state: DecoderState, memory: Memory
-                    ) -> tuple[torch.Tensor, torch.Tensor, DecoderState, torch.Tensor] | None:
+                    ) -> tuple[torch.Tensor, torch.Tensor, DecoderState, torch.Tensor]:
         """`decode_step` followed by argmax, without the (rows, vocab) log-softmax.
 
         prev (rows,) -> the most probable next token (rows,), its log-probability (rows,),
         new state, attention (rows, src_len). The logits are computed vocabulary-major,
-        W @ attn_vecᵀ, which MKL runs faster than attn_vec @ Wᵀ for this shape. None when the
-        output layer is not a plain nn.Linear (e.g. int8): use decode_step then.
+        W @ attn_vecᵀ, which MKL runs faster than attn_vec @ Wᵀ for this shape. Only when
+        `has_greedy_shortcut`.
         """
         layer = self.decoder.output_layer
-        if type(layer) is not nn.Linear or layer.bias is None:
-            return None
         attn_vec, state, weights = self.decoder.step(prev, state, memory)          # (rows, out)
         logits = torch.addmm(layer.bias.unsqueeze(1), layer.weight, attn_vec.t()).float()  # (vocab, rows)
         token = logits.argmax(dim=0)                                                  # (rows,)

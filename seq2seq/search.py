@@ -221,12 +221,12 @@ def _one_path(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Te
     rows = torch.arange(batch, device=device)   # original index of each live row
     prev = torch.full((batch,), BOS_ID, dtype=torch.long, device=device)
     limit = max_len.to(device)
-    # plain greedy steps may skip the full log-softmax (Seq2Seq.greedy_step)
-    fast = choose is argmax_token and not no_repeat_ngram and FAST_GREEDY and hasattr(model, "greedy_step")
+    # plain greedy steps may skip the full log-softmax (Seq2Seq.greedy_step; not int8, not ensembles)
+    fast = (choose is argmax_token and not no_repeat_ngram and FAST_GREEDY
+            and getattr(model, "has_greedy_shortcut", False))
     for t in range(steps):
-        step = model.greedy_step(prev, state, memory) if fast and t >= min_len else None
-        if step is not None:
-            token, token_lp, state, weights = step                          # (live,), (live,)
+        if fast and t >= min_len:
+            token, token_lp, state, weights = model.greedy_step(prev, state, memory)  # (live,), (live,)
         else:
             log_probs, state, weights = model.decode_step(prev, state, memory)  # (live, vocab)
             if t < min_len or no_repeat_ngram:

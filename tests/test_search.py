@@ -47,10 +47,12 @@ def test_greedy_shortcut_equals_the_full_log_softmax_path(tiny_model, monkeypatc
         def forward(self, x):
             return self.inner(x)
 
-    prev, (memory, state) = torch.full((5,), 1), tiny_model.encode(src, src_len)
-    assert tiny_model.greedy_step(prev, state, memory) is not None
+    assert tiny_model.has_greedy_shortcut
     monkeypatch.setattr(tiny_model.decoder, "output_layer", Wrapped(tiny_model.decoder.output_layer))
-    assert tiny_model.greedy_step(prev, state, memory) is None
+    assert not tiny_model.has_greedy_shortcut
+    monkeypatch.setattr(search_module, "FAST_GREEDY", True)
+    wrapped = greedy_search(tiny_model, src, src_len, limits, min_len=min_len)   # the full path again
+    assert [h[0].tokens for h in wrapped] == [h[0].tokens for h in full]
 
 
 @pytest.mark.parametrize("beam_size", [1, 4])
