@@ -15,10 +15,11 @@ from .checkpoint import payload
 from .data import Batch
 from .metrics import corpus_scores
 from .model import ModelConfig, Seq2Seq
+from .schedule import annealed_lr, budget_progress
 from .search import greedy_search, max_lengths
 from .tokenizer import PAD_ID, Tokenizer
 
-SCHEDULERS = ("plateau", "none")
+SCHEDULERS = ("plateau", "anneal", "none")
 
 
 class TranslationModule(L.LightningModule):
@@ -35,6 +36,7 @@ class TranslationModule(L.LightningModule):
         scheduler: str = "plateau",
         plateau_factor: float = 0.5,
         plateau_patience: int = 1,
+        anneal_fraction: float = 0.3,
         min_lr: float = 1e-5,
         val_max_len_a: float = 1.5,
         val_max_len_b: int = 10,
@@ -47,6 +49,8 @@ class TranslationModule(L.LightningModule):
         super().__init__()
         if scheduler not in SCHEDULERS:
             raise ValueError(f"Unknown scheduler {scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+        if not 0 < anneal_fraction <= 1:
+            raise ValueError(f"anneal_fraction must be in (0, 1], got {anneal_fraction}")
         # tokenizers, references and the run config travel in the "seq2seq" payload instead
         self.save_hyperparameters(ignore=["src_tokenizer", "tgt_tokenizer", "valid_references",
                                           "run_config", "meta"])
@@ -82,6 +86,18 @@ class TranslationModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch.src.size(0))
         self.log("train/tokens", float(n_tokens), reduce_fx="sum", on_step=False, on_epoch=True)
         return loss
+
+    def on_train_batch_start(self, batch: Batch, batch_idx: int) -> None:
+        hp = self.hparams
+        if hp.scheduler != "anneal":
+            return
+        progress = budget_progress(self.trainer, batch_idx)
+        if progress is None:
+            raise ValueError("optim.scheduler=anneal needs a budget: set trainer.max_time, trainer.max_steps "
+                             "or trainer.max_epochs")
+        lr = annealed_lr(hp.lr, hp.min_lr, progress, hp.anneal_fraction)
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = lr
 
     def on_fit_start(self) -> None:
         self._fit_started = time.monotonic()
@@ -142,7 +158,7 @@ class TranslationModule(L.LightningModule):
         hp = self.hparams
         optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas),
                                      weight_decay=hp.weight_decay)
-        if hp.scheduler == "none":
+        if hp.scheduler in ("none", "anneal"):  # anneal: set before each batch (on_train_batch_start)
             return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
             optimizer, mode="max", factor=hp.plateau_factor, patience=hp.plateau_patience, min_lr=hp.min_lr)

@@ -95,6 +95,14 @@ def check_config(cfg: DictConfig) -> ModelConfig:
         raise InputError(f"train.ema_decay must be in [0, 1) (0 = off, e.g. 0.999), got {decay}")
     if ema_start < 0:
         raise InputError(f"train.ema_start_step must be >= 0, got {ema_start}")
+    fraction = float(cfg.optim.anneal_fraction)
+    if not 0 < fraction <= 1:
+        raise InputError(f"optim.anneal_fraction must be in (0, 1], got {fraction}")
+    if cfg.optim.scheduler == "anneal":
+        t = cfg.trainer
+        if t.get("max_time") is None and (t.get("max_steps") or -1) <= 0 and (t.get("max_epochs") or -1) <= 0:
+            raise InputError("optim.scheduler=anneal lowers the lr over the end of the budget, but there is none: "
+                             "set trainer.max_time, trainer.max_steps or trainer.max_epochs")
     alpha, alphas = cfg.evaluate.alpha, list(cfg.evaluate.alphas or [])
     if alpha is None and not alphas:
         raise InputError("evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty: "
@@ -148,6 +156,16 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
         raise InputError(
             f"cannot resume: {last} was trained with a different model or tokenizer config; "
             f"use another hydra.run.dir (or name=...) or train.resume=false"
+        )
+    was = float(saved.get("train", {}).get("ema_decay", 0.0) or 0.0)
+    now = float(cfg.train.ema_decay)
+    if (was > 0) != (now > 0):
+        # the checkpoint's state_dict is the average when `was` > 0: training on from it, or
+        # starting an average from raw weights mid-run, would silently change what is trained
+        raise InputError(
+            f"cannot resume: {last} was trained with train.ema_decay={was:g} and this run asks for "
+            f"train.ema_decay={now:g}; switching the moving average on or off mid-run is not supported: "
+            f"keep train.ema_decay={was:g}, or start over in another hydra.run.dir (or train.resume=false)"
         )
     log.info("resuming from %s", last)
     return last

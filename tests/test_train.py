@@ -40,7 +40,8 @@ def test_run_directory_holds_everything(toy_run):
     ("model.hiden_size=3", "hiden_size"),
     ("model.attention=luong_dott", "choose one of: bahdanau, dot, general"),
     ("model.bridge=magic", "choose one of: dense, zeros"),
-    ("optim.scheduler=cosine", "choose one of: plateau, none"),
+    ("optim.scheduler=cosine", "choose one of: plateau, anneal, none"),
+    ("optim.anneal_fraction=0", "optim.anneal_fraction must be in (0, 1], got 0.0"),
     ("evaluate.average_last=4", "set train.keep_last_epochs >= 4 (it is 0)"),
     ("evaluate.alphas=[]", "evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty"),
     ("evaluate.alpha=-1", "length penalties must be >= 0, got evaluate.alpha=-1"),
@@ -331,3 +332,20 @@ def test_csv_metrics_of_a_resumed_run_keep_the_rows_from_before(tmp_path):
     resumed.save()
     rows = list(csv.DictReader(open(tmp_path / "logs" / "metrics.csv")))
     assert [(r["step"], r["train/loss"], r["val/bleu"]) for r in rows] == [("10", "3.0", ""), ("20", "2.0", "12.5")]
+
+
+def test_resuming_with_the_moving_average_switched_on_or_off_is_refused(tmp_path, toy_data):
+    """A checkpoint of an averaged run holds the average as its weights; training on from it
+    with train.ema_decay=0 (or starting an average mid-run) is refused, naming both values."""
+    common = ["seq2seq-train", "experiment=toy", f"data.dir={toy_data}", "model.embedding_size=16",
+              "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[16]", "evaluate.alpha=0",
+              "train.checkpoint_every_n_steps=10", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path / 'run'}"]
+    first = run_cli([*common, "train.ema_decay=0.9", "trainer.max_steps=10"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr.decode()[-2000:]
+    ckpt = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    refused = run_cli([*common, "train.ema_decay=0", "trainer.max_steps=20"], cwd=tmp_path)
+    assert refused.returncode != 0
+    assert "was trained with train.ema_decay=0.9 and this run asks for train.ema_decay=0" in refused.stderr.decode()
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == ckpt
+    resumed = run_cli([*common, "train.ema_decay=0.99", "trainer.max_steps=20"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
