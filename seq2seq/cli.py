@@ -64,8 +64,9 @@ def _add_search_args(p: argparse.ArgumentParser, default_beam: int) -> None:
     g.add_argument("--batch-size", type=int, default=64, help="sentences decoded together")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
     g.add_argument("--precision", choices=PRECISIONS, default="float32",
-                   help="int8: the decoder's matrices in int8 (CPU only; faster, BLEU may move slightly; "
-                        "default: float32)")
+                   help="bfloat16: the model's weights in bfloat16 (fast on CPUs with AVX512_BF16 or AMX); "
+                        "int8: the decoder's matrices in int8 (CPU only); both are faster where the CPU "
+                        "supports them and may move BLEU slightly (default: float32)")
     g.add_argument("--max-source-len", type=int, default=250,
                    help="longer inputs are cropped to this many subwords, with a warning")
 

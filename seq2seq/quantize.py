@@ -1,4 +1,10 @@
-"""Decoding precision: float32, or the decoder's matrices in int8 on CPU.
+"""Decoding precision: float32, bfloat16 weights, or the decoder's matrices in int8 on CPU.
+
+`bfloat16` casts a copy of the whole model to bfloat16: every matrix product and LSTM
+runs in bfloat16 (on CPUs with bfloat16 dot-product instructions, AVX512_BF16 or AMX,
+several times the float32 rate), while the search still takes log-softmax and adds
+scores in float32 (Seq2Seq.step casts the logits). On a CPU without those instructions
+bfloat16 is emulated and much slower than float32; a warning says so.
 
 `int8` stores the weights of every matrix product a decoder step makes (the
 LSTMCells, Bahdanau's query layer, the combine layer and the output layer) as int8
@@ -27,7 +33,9 @@ without them, precision int8 is refused with a message saying so, and float32 wo
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -35,8 +43,9 @@ from torch import nn
 from .ensemble import Ensemble
 from .model import Seq2Seq
 
-PRECISIONS = ("float32", "int8")
+PRECISIONS = ("float32", "bfloat16", "int8")
 _HALF_RANGE = 63  # inputs map to quint8 64 +- 63: 7 bits
+log = logging.getLogger(__name__)
 
 
 def check_precision(precision: str, device: str | torch.device = "cpu") -> None:
@@ -161,11 +170,26 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
     return model
 
 
+def cpu_has_bfloat16() -> bool | None:
+    """Whether this CPU has bfloat16 dot-product instructions; None where /proc/cpuinfo is unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
+    return any(f in ("avx512_bf16", "amx_bf16", "avx_ne_convert") for f in flags)
+
+
 def for_precision(model: nn.Module, precision: str, device: str | torch.device = "cpu") -> nn.Module:
-    """`model` itself for float32; a quantized copy for int8 (every member of an ensemble)."""
+    """`model` itself for float32; a bfloat16 or quantized copy otherwise (every member of an ensemble)."""
     check_precision(precision, device)
     if precision == "float32":
         return model
+    if precision == "bfloat16":
+        if torch.device(device).type == "cpu" and cpu_has_bfloat16() is False:
+            log.warning("precision bfloat16: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), "
+                        "so bfloat16 is emulated and slower than float32")
+        return copy.deepcopy(model).to(torch.bfloat16).eval()
     if isinstance(model, Ensemble):
         return Ensemble([quantize_int8(m) for m in model.models]).eval()
     return quantize_int8(model)

@@ -83,7 +83,7 @@ class Translator:
                         max_source_len: int = 250, precision: str = "float32") -> Translator:
         """A checkpoint, or a list of them: an ensemble averaging their log-probabilities.
 
-        precision: "float32", or "int8" (CPU only; quantize.py says what it changes).
+        precision: "float32", "bfloat16" or "int8" (CPU only); quantize.py says what they change.
         """
         check_precision(precision, device)  # before the (slow) load
         paths = [path] if isinstance(path, (str, Path)) else list(path)

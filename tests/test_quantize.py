@@ -80,6 +80,24 @@ def test_int8_translations_of_the_trained_toy_model(toy):
         assert abs(corpus_scores(a[:60], refs).bleu - corpus_scores(b[:60], refs).bleu) < 2.0
 
 
+def test_bfloat16_translations_of_the_trained_toy_model(toy):
+    """A bfloat16 copy decodes (scores still float32) and mostly agrees with float32; the
+    loaded float32 model is left untouched."""
+    fp32 = Translator.from_checkpoint(toy["model"])
+    bf16 = Translator(fp32.model, fp32.src_tokenizer, fp32.tgt_tokenizer, fp32.info, precision="bfloat16")
+    assert bf16.model is not fp32.model
+    assert {p.dtype for p in bf16.model.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    lines = toy["lines"][:60] + ["", "   "]
+    for beam in (1, 4):
+        a = fp32.translate_hypotheses(lines, SearchOptions(beam_size=beam))
+        b = bf16.translate_hypotheses(lines, SearchOptions(beam_size=beam))
+        assert len(b) == len(lines) and [h[0].text for h in b[-2:]] == ["", ""]
+        assert all(h[0].log_prob <= 0 and isinstance(h[0].log_prob, float) for h in b[:60])
+        same = sum(x[0].text == y[0].text for x, y in zip(a, b)) / len(lines)
+        assert same >= 0.9, f"beam {beam}: only {same:.0%} of bfloat16 translations equal float32's"
+
+
 def test_int8_quantizes_every_member_of_an_ensemble(tiny_model):
     other = Seq2Seq(tiny_model.config).eval()
     ens = for_precision(Ensemble([tiny_model, other]), "int8")
@@ -89,7 +107,7 @@ def test_int8_quantizes_every_member_of_an_ensemble(tiny_model):
 
 
 def test_precision_errors_name_the_value_and_the_choices():
-    with pytest.raises(ValueError, match=r"'fp16'.*float32, int8"):
+    with pytest.raises(ValueError, match=r"'fp16'.*float32, bfloat16, int8"):
         check_precision("fp16")
     with pytest.raises(ValueError, match=r"CPU only.*'cuda:1'"):
         check_precision("int8", "cuda:1")
