@@ -55,14 +55,15 @@ decode                translation of DATA/TEST_SPLIT.SRC with Translator.from_ch
   rows                  one per (dtype, beam, batch size), each {dtype, beam_size,
                         batch_size, seconds, sentences_per_s, output_tokens (hypothesis
                         subwords + 1 EOS per sentence), output_tokens_per_s, bleu, chrf,
-                        why (which sweep asked for the row)}; bfloat16 (weights cast) and
-                        int8 (Translator precision="int8") rows, greedy and beam 5 at batch
+                        why (which sweep asked for the row)}; bfloat16 (Translator
+                        precision="bfloat16": weights cast) and int8 (precision="int8") rows, greedy and beam 5 at batch
                         64, add speedup_over_float32 (the float32 row of the same setting),
                         or carry {"error"} or {"skipped"} instead. Timing covers tokenization, search
                         and detokenization (the whole translate_hypotheses call) after one
                         untimed warm-up call on a few sentences.
-memory                peak resident set size (ru_maxrss via os.wait4) of a fresh child
-                      process per job, so one job does not inflate the other:
+memory                peak resident set size of a fresh child process per job (its own
+                      VmHWM on Linux; elsewhere ru_maxrss via os.wait4, which on Linux would
+                      also count the parent's memory at fork), so one job does not inflate the other:
   translate             {peak_rss_mb, setup_peak_rss_mb (after imports and model load,
                         before the work), beam_size, batch_size, sentences, seconds}
   train                 {peak_rss_mb, setup_peak_rss_mb, steps, batch_size, seconds}
@@ -538,10 +539,8 @@ def bench_decode(args) -> dict:
 
     variants = []  # (dtype, why, how to build its translator, guarded: may be too slow to finish)
     if not args.no_bf16_decode:
-        def bf16_translator() -> Translator:
-            model, src_tok, tgt_tok, info = load_model(args.checkpoint)
-            return Translator(model.to(torch.bfloat16), src_tok, tgt_tok, info)
-        variants.append(("bfloat16", "bfloat16 weights", bf16_translator, True))
+        variants.append(("bfloat16", "bfloat16 weights (--precision bfloat16)",
+                         lambda: Translator.from_checkpoint(args.checkpoint, precision="bfloat16"), True))
     if not args.no_int8_decode:
         variants.append(("int8", "int8 decoder matrices (seq2seq/quantize.py)",
                          lambda: Translator.from_checkpoint(args.checkpoint, precision="int8"), False))
@@ -616,16 +615,35 @@ def bench_profile(args, model_config: dict, src_tok, tgt_tok, opts: dict) -> dic
 
 # ---- 4. memory ---------------------------------------------------------------------
 
+def own_peak_rss_kb() -> tuple[int, str]:
+    """This process image's peak resident set in kB, and where it was read.
+
+    /proc/self/status VmHWM belongs to the memory map that exec created, so it covers this
+    program only. ru_maxrss (the fallback off Linux) survives exec on Linux: a child started
+    by a parent holding 1 GB reports at least that much, whatever it used itself.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]), "VmHWM"
+    except (OSError, ValueError, IndexError):
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "ru_maxrss"
+
+
 def child_main(args) -> int:
     """Run one job in this (fresh) process; print its timings as JSON on stdout."""
-    setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    setup_kb = own_peak_rss_kb()[0]
     if args._child.startswith("scale-"):
-        print(json.dumps(scale_child(args)), flush=True)
+        result = scale_child(args)
+        peak_kb, source = own_peak_rss_kb()
+        result["self_peak_rss_mb"], result["peak_rss_source"] = peak_kb / 1024, source
+        print(json.dumps(result), flush=True)
         return 0
     if args._child == "translate":
         lines, _ = test_lines(args)
         translator = Translator.from_checkpoint(args.checkpoint)
-        setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        setup_kb = own_peak_rss_kb()[0]
         t0 = time.perf_counter()
         translator.translate_hypotheses(lines, SearchOptions(beam_size=5), batch_size=64)
         result = {"beam_size": 5, "batch_size": 64, "sentences": len(lines)}
@@ -634,12 +652,13 @@ def child_main(args) -> int:
         opts = training_options(info)
         batches, _ = training_batches(args, src_tok, tgt_tok, opts, args.memory_train_steps,
                                       args.train_batch_size)
-        setup_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        setup_kb = own_peak_rss_kb()[0]
         t0 = time.perf_counter()
         run_training(info["model_config"], opts, batches, warmup=0, steps=args.memory_train_steps, seed=args.seed)
         result = {"steps": args.memory_train_steps, "batch_size": args.train_batch_size}
     result["seconds"] = time.perf_counter() - t0
-    result["self_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_kb, source = own_peak_rss_kb()
+    result["self_peak_rss_mb"], result["peak_rss_source"] = peak_kb / 1024, source
     result["setup_peak_rss_mb"] = setup_kb / 1024
     print(json.dumps(result), flush=True)
     return 0
@@ -660,7 +679,7 @@ def child_args(args, job: str, extra: list[str] | None = None) -> list[str]:
 
 
 def run_child(args, job: str, extra: list[str] | None = None) -> dict:
-    """Start a child, read its JSON, and take its ru_maxrss from os.wait4 (this child only)."""
+    """Start a child, read its JSON and its peak resident set (see own_peak_rss_kb)."""
     with tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen(child_args(args, job, extra), stdout=subprocess.PIPE, stderr=err, text=True)
         stdout = proc.stdout.read()
@@ -673,7 +692,10 @@ def run_child(args, job: str, extra: list[str] | None = None) -> dict:
         tail = [ln for ln in stderr.strip().splitlines() if ln.strip()]
         return {"error": f"child exited {proc.returncode}: {tail[-1] if tail else ''}"[:300]}
     result = json.loads(stdout.strip().splitlines()[-1])
-    return {"peak_rss_mb": usage.ru_maxrss / 1024, **result}
+    # the child's own VmHWM where it has one: ru_maxrss also counts what the parent
+    # (this process) held when it forked, since Linux keeps it across exec
+    own = result.get("self_peak_rss_mb") if result.get("peak_rss_source") == "VmHWM" else None
+    return {"peak_rss_mb": own if own is not None else usage.ru_maxrss / 1024, **result}
 
 
 def bench_memory(args) -> dict:
