@@ -35,6 +35,7 @@ from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
 from .model import ModelConfig
 from .module import TranslationModule
+from .quantize import cpu_has_bfloat16
 from .throughput import TokensPerSecond
 from .tokenizer import Tokenizer, train_tokenizer
 from .translate import SearchOptions, Translator
@@ -103,6 +104,7 @@ def check_config(cfg: DictConfig) -> ModelConfig:
         if t.get("max_time") is None and (t.get("max_steps") or -1) <= 0 and (t.get("max_epochs") or -1) <= 0:
             raise InputError("optim.scheduler=anneal lowers the lr over the end of the budget, but there is none: "
                              "set trainer.max_time, trainer.max_steps or trainer.max_epochs")
+    check_precision_here(cfg.trainer)
     alpha, alphas = cfg.evaluate.alpha, list(cfg.evaluate.alphas or [])
     if alpha is None and not alphas:
         raise InputError("evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty: "
@@ -110,6 +112,19 @@ def check_config(cfg: DictConfig) -> ModelConfig:
     if (alpha is not None and alpha < 0) or any(a < 0 for a in alphas):
         raise InputError(f"length penalties must be >= 0, got evaluate.alpha={alpha}, evaluate.alphas={alphas}")
     return model_config
+
+
+def check_precision_here(trainer: DictConfig) -> None:
+    """bfloat16 training on a CPU needs bfloat16 instructions: without them oneDNN has no
+    bfloat16 LSTM and fails at the first step with an opaque message; say so up front."""
+    precision = str(trainer.get("precision", "32-true"))
+    accelerator = str(trainer.get("accelerator", "auto"))
+    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                      and not torch.backends.mps.is_available())
+    if precision.startswith("bf16") and on_cpu and cpu_has_bfloat16() is False:
+        raise InputError(f"trainer.precision={precision} on this CPU: it has no bfloat16 instructions "
+                         f"(avx512_bf16, amx_bf16), so PyTorch's LSTM cannot run in bfloat16 here; "
+                         f"use trainer.precision=32-true (the default), or a CPU with them, or a GPU")
 
 
 def build_tokenizers(cfg: DictConfig, resume_from: Path | None) -> tuple[Tokenizer, Tokenizer]:

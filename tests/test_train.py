@@ -57,6 +57,21 @@ def test_config_mistakes_fail_before_any_work(override, expected, tmp_path):
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_bfloat16_training_on_a_cpu_without_bfloat16_is_refused_up_front(monkeypatch):
+    import seq2seq.train as train
+    from omegaconf import OmegaConf
+    cpu = OmegaConf.create({"precision": "bf16-mixed", "accelerator": "cpu"})
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: False)
+    with pytest.raises(train.InputError, match="trainer.precision=bf16-mixed on this CPU: it has no bfloat16 "
+                                               "instructions .* use trainer.precision=32-true"):
+        train.check_precision_here(cpu)
+    train.check_precision_here(OmegaConf.create({"precision": "32-true", "accelerator": "cpu"}))
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: True)        # e.g. avx512_bf16: allowed
+    train.check_precision_here(cpu)
+    monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: None)        # unknown (no /proc/cpuinfo): let it try
+    train.check_precision_here(cpu)
+
+
 def test_mismatched_training_files_name_both(tmp_path):
     d = tmp_path / "corpus"
     d.mkdir()
