@@ -9,12 +9,15 @@ Two phases, one after the other, so they never compete for the CPU:
 
 1. offline: `Translator.translate_hypotheses` in this process over the first
    --offline-sentences lines of --sentences, with the server's checkpoint (from its
-   /info, or --checkpoint), the same beam size, precision (float32 or int8) and the server's
-   batch size (max_batch_sentences; --offline-batch-size to choose), after a short warm-up. The server sits idle meanwhile.
-2. load: --clients concurrent clients (asyncio + httpx), each sending one sentence per
-   request, cycling through --sentences, until --duration seconds have passed or
-   --max-requests requests have been sent, after one warm-up request. Each request's
-   latency is measured from send to the end of its answer.
+   /info, or --checkpoint), the same beam size, precision (float32, bfloat16 or int8) and
+   the server's batch size (max_batch_sentences; --offline-batch-size to choose), after a
+   short warm-up. The server sits idle meanwhile.
+2. load: one warm-up request, then --clients concurrent clients (asyncio + aiohttp), each
+   sending one sentence per request, cycling through --sentences, until --duration
+   seconds have passed or --max-requests requests have been sent. Each request's latency
+   is measured from send to the end of its answer. The clients run on the server's
+   machine and take CPU from it, so they are kept lean: aiohttp spends about a tenth of
+   httpx's CPU per request (docs/RESULTS.md).
 
 Only a server on this machine (loopback: 127.0.0.0/8, ::1, localhost) is accepted:
 this is a way to measure our own service, not a tool to point at other people's.
@@ -30,6 +33,8 @@ Output: a short table on stderr, and as the last line of stdout one JSON object:
                        {p50, p95, p99, mean, max} over answered requests, decoder
                        {steps, sentences, mean_batch_sentences, busy_fraction}: the
                        server's /health totals before and after, or null without them;
+                       server_cpu_cores: the server process's CPU seconds per second of
+                       the load (all its threads; null if /health does not say);
                        client_cpu_fraction: this process's CPU time / wall time, i.e. the
                        share of a core the clients took from the machine}
     offline            {checkpoint, precision, sentences, batch_size, seconds, sentences_per_s},
@@ -53,6 +58,7 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 
 DEFAULT_SENTENCES = Path(__file__).resolve().parents[1] / "data" / "multi30k" / "test2016.en"
@@ -132,6 +138,23 @@ def server_health(url: str) -> dict:
         return {}
 
 
+def warm_up(url: str, sentence: str, beam_size: int, timeout: float) -> None:
+    """One request before the load (and before the decoder totals are read), refused: LoadTestError."""
+    r = httpx.post(f"{url}/translate", json={"text": [sentence], "beam_size": beam_size}, timeout=timeout,
+                   trust_env=False)
+    if r.status_code != 200:
+        raise LoadTestError(f"the warm-up request was refused: {r.status_code} {r.text[:200]}")
+
+
+def server_cpu_cores(before: dict, after: dict) -> float | None:
+    """CPU seconds the server process spent per second between two /health answers (None if unsaid)."""
+    try:
+        wall = after["decoder"]["uptime_s"] - before["decoder"]["uptime_s"]
+        return (after["process_cpu_s"] - before["process_cpu_s"]) / wall if wall > 0 else None
+    except (KeyError, TypeError):
+        return None
+
+
 def decoder_during(before: dict, after: dict) -> dict | None:
     """What the server's decoder did between two /health answers: steps, sentences, the
     mean number of sentences per decoder step, the mean size of a group of sentences that
@@ -174,11 +197,9 @@ async def run_clients(url: str, sentences: list[str], clients: int, duration: fl
     errors: Counter[str] = Counter()
     next_sentence = itertools.cycle(sentences)
     sent = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=request_timeout, trust_env=False) as http:
-        warm = await http.post("/translate", json={"text": [sentences[0]], "beam_size": beam_size})
-        if warm.status_code != 200:
-            raise LoadTestError(f"the warm-up request was refused: {warm.status_code} {warm.text[:200]}")
+    connector = aiohttp.TCPConnector(limit=clients)
+    timeout = aiohttp.ClientTimeout(total=request_timeout)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as http:
         start = time.perf_counter()
         stop = start + duration
 
@@ -190,14 +211,16 @@ async def run_clients(url: str, sentences: list[str], clients: int, duration: fl
                 body = {"text": [next(next_sentence)], "beam_size": beam_size}
                 t0 = time.perf_counter()
                 try:
-                    r = await http.post("/translate", json=body)
-                except httpx.HTTPError as e:
+                    async with http.post("/translate", json=body) as r:
+                        await r.read()            # the whole answer, as a real client would wait for
+                        status = r.status
+                except (aiohttp.ClientError, asyncio.TimeoutError) as e:
                     errors[type(e).__name__] += 1
                     continue
-                if r.status_code == 200:
+                if status == 200:
                     latencies.append(time.perf_counter() - t0)
                 else:
-                    errors[f"HTTP {r.status_code}"] += 1
+                    errors[f"HTTP {status}"] += 1
 
         await asyncio.gather(*(client() for _ in range(clients)))
         seconds = time.perf_counter() - start
@@ -243,6 +266,8 @@ def table(result: dict) -> str:
          f"{off['sentences']} sentences in {off['seconds']:.1f} s: {off['sentences_per_s']:.2f} sentences/s "
          f"(batch {off['batch_size']})"),
         ("clients' CPU", f"{_fmt(100 * (load.get('client_cpu_fraction') or 0))}% of one core"),
+        ("server's CPU", "not reported" if load.get("server_cpu_cores") is None else
+         f"{_fmt(100 * load['server_cpu_cores'])}% of one core (all its threads)"),
         ("decoder", "not reported" if not load.get("decoder") else
          f"{load['decoder']['steps']} steps, {_fmt(load['decoder']['mean_batch_sentences'])} sentences per step, "
          f"{_fmt(load['decoder'].get('ms_per_step'))} ms per step (joins included), "
@@ -268,12 +293,15 @@ def run(args: argparse.Namespace) -> dict:
         # the server's precision (int8 or float32), so that the ratio compares like with like
         offline = offline_throughput(checkpoint, baseline, args.beam_size, batch_size,
                                      service.get("precision", "float32"))
+    warm_up(url, sentences[0], args.beam_size, args.request_timeout)
     before, cpu = server_health(url), time.process_time()
     load = summarise(asyncio.run(run_clients(url, sentences, args.clients, args.duration, args.max_requests,
                                              args.beam_size, args.request_timeout)))
     # the clients share the machine with the server: how much of a core they took
     load["client_cpu_fraction"] = (time.process_time() - cpu) / load["seconds"] if load["seconds"] > 0 else None
-    load["decoder"] = decoder_during(before, server_health(url))
+    after = server_health(url)
+    load["decoder"] = decoder_during(before, after)
+    load["server_cpu_cores"] = server_cpu_cores(before, after)
     ratio = (load["sentences_per_s"] / offline["sentences_per_s"]
              if offline and load["sentences_per_s"] is not None else None)
     return {"schema": "seq2seq-load-test/1", "url": url, "clients": args.clients, "beam_size": args.beam_size,

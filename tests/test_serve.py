@@ -479,18 +479,42 @@ def test_load_test_refuses_a_non_loopback_server():
     assert "refusing http://192.0.2.1:8000: the load test only targets this machine" in proc.stderr.decode()
 
 
-def test_load_test_reports_what_the_decoder_did_between_two_health_answers():
+def load_test_module():
     spec = importlib.util.spec_from_file_location("load_test", ROOT / "scripts" / "load_test.py")
     load_test = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(load_test)
+    return load_test
+
+
+def test_load_test_reports_what_the_decoder_did_between_two_health_answers():
+    load_test = load_test_module()
     before = {"decoder": {"sentences": 10, "steps": 40, "sentence_steps": 100, "joins": 3, "busy_s": 2.0,
-                          "uptime_s": 10.0}}
+                          "uptime_s": 10.0}, "process_cpu_s": 30.0}
     after = {"decoder": {"sentences": 74, "steps": 140, "sentence_steps": 2100, "joins": 11, "busy_s": 6.5,
-                         "uptime_s": 15.0}}
+                         "uptime_s": 15.0}, "process_cpu_s": 39.0}
     assert load_test.decoder_during(before, after) == {
         "steps": 100, "sentences": 64, "joins": 8, "mean_batch_sentences": 20.0, "mean_join_sentences": 8.0,
         "ms_per_step": pytest.approx(45.0), "busy_fraction": pytest.approx(0.9)}
+    assert load_test.server_cpu_cores(before, after) == pytest.approx(1.8)   # 9 CPU seconds in 5 s
     assert load_test.decoder_during({}, after) is None      # a server without decoder totals
+    assert load_test.server_cpu_cores({"decoder": before["decoder"]}, after) is None
+
+
+def test_the_load_test_against_a_real_server_answers_every_request(model_path, sentences, tmp_path):
+    lines = tmp_path / "sentences.txt"
+    lines.write_text("\n".join(sentences[:6]) + "\n")
+    with running_server(model_path) as (_, url):
+        proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "load_test.py"), "--url", url,
+                               "--clients", "3", "--max-requests", "12", "--duration", "60", "--beam-size", "2",
+                               "--offline-sentences", "6", "--sentences", str(lines)],
+                              capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    load = result["load"]
+    assert (load["requests"], load["sentences"], load["errors"]) == (12, 12, 0), load
+    assert load["decoder"]["sentences"] == 12 and load["server_cpu_cores"] > 0
+    assert result["offline"]["sentences"] == 6 and result["served_over_offline"] > 0
+    assert "served/offline" in proc.stderr
 
 
 def test_an_overloaded_queue_answers_503_with_retry_after(model_path, sentences):
