@@ -290,7 +290,7 @@ def run(args: argparse.Namespace) -> dict:
             raise LoadTestError("the server's /info names no checkpoint: give --checkpoint for the offline baseline")
         baseline = list(itertools.islice(itertools.cycle(sentences), args.offline_sentences))
         batch_size = args.offline_batch_size or service.get("max_batch_sentences", 64)
-        # the server's precision (int8 or float32), so that the ratio compares like with like
+        # the server's precision (float32, bfloat16 or int8), so that the ratio compares like with like
         offline = offline_throughput(checkpoint, baseline, args.beam_size, batch_size,
                                      service.get("precision", "float32"))
     warm_up(url, sentences[0], args.beam_size, args.request_timeout)
