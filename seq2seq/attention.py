@@ -26,6 +26,10 @@ class Attention(nn.Module):
         """query (batch, steps, query_size), keys (batch, src_len, key_dim) -> (batch, steps, src_len)."""
         raise NotImplementedError
 
+    def masked_scores(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """`score`, with -inf where mask (batch, src_len) is False."""
+        return self.score(query, keys).masked_fill(~mask.unsqueeze(1), float("-inf"))
+
     def forward(
         self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,8 +54,7 @@ class Attention(nn.Module):
             q = query.view(batch, rows // batch, -1)                  # (batch, group, query_size)
         else:
             q = query                                                 # (batch, steps, query_size)
-        scores = self.score(q, keys)                                  # (batch, steps, src_len)
-        scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        scores = self.masked_scores(q, keys, mask)                    # (batch, steps, src_len)
         weights = torch.softmax(scores, dim=-1)                       # (batch, steps, src_len)
         context = torch.bmm(weights, values)                          # (batch, steps, value_size)
         if single:
@@ -60,7 +63,16 @@ class Attention(nn.Module):
 
 
 class BahdanauAttention(Attention):
-    """score(q, k_j) = v . tanh(W_q q + W_k h_j)  (Bahdanau et al., 2015)."""
+    """score(q, k_j) = v . tanh(W_q q + W_k h_j)  (Bahdanau et al., 2015).
+
+    The energies cost a tanh per query row x source position x attention unit, padding
+    included. Where padding is a large share of the memory (a continuous-batching
+    search pads every source to the longest one in flight), `masked_scores` computes
+    them at the real positions only: the same numbers, gathered and scattered back.
+    """
+
+    # below this share of real positions in the memory, only the real ones are scored
+    ragged_below = 0.8
 
     def __init__(self, query_size: int, value_size: int, attention_size: int):
         super().__init__()
@@ -75,6 +87,21 @@ class BahdanauAttention(Attention):
         q = self.query_layer(query).unsqueeze(2)                    # (batch, steps, 1, attention_size)
         energy = (q + keys.unsqueeze(1)).tanh_()   # (batch, steps, src_len, attention_size); in place: one buffer
         return self.energy_layer(energy).squeeze(-1)                # (batch, steps, src_len)
+
+    def masked_scores(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, width = mask.shape
+        real = mask.nonzero()                                       # (P, 2): sentence, position
+        if real.size(0) >= self.ragged_below * batch * width:
+            return super().masked_scores(query, keys, mask)
+        sentence = real[:, 0]                                       # (P,)
+        flat = sentence * width + real[:, 1]                        # (P,) index into batch*width
+        k = keys.reshape(batch * width, -1).index_select(0, flat)   # (P, attention_size)
+        q = self.query_layer(query).index_select(0, sentence)       # (P, steps, attention_size)
+        energy = q.add_(k.unsqueeze(1)).tanh_()                     # (P, steps, attention_size)
+        real_scores = self.energy_layer(energy).squeeze(-1)         # (P, steps)
+        scores = real_scores.new_full((batch * width, query.size(1)), float("-inf"))
+        scores = scores.index_copy(0, flat, real_scores)            # (batch*width, steps)
+        return scores.view(batch, width, -1).transpose(1, 2)        # (batch, steps, src_len)
 
 
 class DotAttention(Attention):

@@ -70,6 +70,27 @@ def test_attention_is_zero_at_padding_and_sums_to_one(attention):
     torch.testing.assert_close(context[2], values[2, 0])
 
 
+def test_bahdanau_scores_at_real_positions_only_equal_the_padded_computation():
+    """Where most of the memory is padding, the energies are computed at real positions only:
+    same context and weights as over every position, for single steps and for whole sequences."""
+    torch.manual_seed(0)
+    att = build_attention("bahdanau", 8, 6, 10)
+    values = torch.randn(3, 9, 6)
+    mask = torch.zeros(3, 9, dtype=torch.bool)
+    for i, n in enumerate([9, 2, 4]):
+        mask[i, :n] = True                      # 15 of 27 positions real: under the threshold
+    keys = att.project_keys(values)
+    assert mask.sum() < att.ragged_below * mask.numel()
+    for query in (torch.randn(3 * 4, 8), torch.randn(3, 5, 8)):   # 4 beam rows per sentence; 5 steps
+        ragged = att(query, keys, values, mask)
+        att.ragged_below = 0.0                  # every position, padding included
+        padded = att(query, keys, values, mask)
+        del att.ragged_below
+        for a, b in zip(ragged, padded):
+            torch.testing.assert_close(a, b)
+        assert torch.all(ragged[1].reshape(3, -1, 9).transpose(0, 1)[:, ~mask] == 0)
+
+
 def test_cell_stack_over_time_equals_looping_it():
     torch.manual_seed(0)
     stack = CellStack(5, [6, 4, 7], dropout=0.0)
