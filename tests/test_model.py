@@ -82,7 +82,8 @@ def test_bahdanau_scores_at_real_positions_only_equal_the_padded_computation():
     keys = att.project_keys(values)
     assert mask.sum() < att.ragged_below * mask.numel()
     for query in (torch.randn(3 * 4, 8), torch.randn(3, 5, 8)):   # 4 beam rows per sentence; 5 steps
-        ragged = att(query, keys, values, mask)
+        with torch.no_grad():
+            ragged = att(query, keys, values, mask)
         att.ragged_below = 0.0                  # every position, padding included
         padded = att(query, keys, values, mask)
         del att.ragged_below
