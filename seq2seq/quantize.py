@@ -170,6 +170,10 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
     return model
 
 
+# /proc/cpuinfo flags of x86 instruction sets with bfloat16 arithmetic or conversion
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
+
+
 def cpu_has_bfloat16() -> bool | None:
     """Whether this CPU has bfloat16 dot-product instructions; None where /proc/cpuinfo is unreadable."""
     try:
@@ -177,7 +181,7 @@ def cpu_has_bfloat16() -> bool | None:
     except OSError:
         return None
     flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(f in ("avx512_bf16", "amx_bf16", "avx_ne_convert") for f in flags)
+    return any(f in BF16_FLAGS for f in flags)
 
 
 def for_precision(model: nn.Module, precision: str, device: str | torch.device = "cpu") -> nn.Module:
@@ -187,7 +191,7 @@ def for_precision(model: nn.Module, precision: str, device: str | torch.device =
         return model
     if precision == "bfloat16":
         if torch.device(device).type == "cpu" and cpu_has_bfloat16() is False:
-            log.warning("precision bfloat16: this CPU has no bfloat16 instructions (avx512_bf16, amx_bf16), "
+            log.warning(f"precision bfloat16: this CPU has no bfloat16 instructions ({', '.join(BF16_FLAGS)}), "
                         "so bfloat16 is emulated and slower than float32")
         return copy.deepcopy(model).to(torch.bfloat16).eval()
     if isinstance(model, Ensemble):

@@ -35,7 +35,7 @@ from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
 from .model import ModelConfig
 from .module import TranslationModule
-from .quantize import cpu_has_bfloat16
+from .quantize import BF16_FLAGS, cpu_has_bfloat16
 from .throughput import TokensPerSecond
 from .tokenizer import Tokenizer, train_tokenizer
 from .translate import SearchOptions, Translator
@@ -123,7 +123,7 @@ def check_precision_here(trainer: DictConfig) -> None:
                                       and not torch.backends.mps.is_available())
     if precision.startswith("bf16") and on_cpu and cpu_has_bfloat16() is False:
         raise InputError(f"trainer.precision={precision} on this CPU: it has no bfloat16 instructions "
-                         f"(avx512_bf16, amx_bf16), so PyTorch's LSTM cannot run in bfloat16 here; "
+                         f"({', '.join(BF16_FLAGS)}), so PyTorch's LSTM cannot run in bfloat16 here; "
                          f"use trainer.precision=32-true (the default), or a CPU with them, or a GPU")
 
 
