@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 from types import SimpleNamespace
 
 import lightning as L
@@ -64,7 +65,8 @@ def test_training_with_anneal_sets_the_lr_of_every_step(tmp_path, toy_data, monk
     cfg = _compose(["experiment=toy", f"data.dir={toy_data}", "model.embedding_size=16",
                     "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[16]", "evaluate.alpha=0",
                     "optim.scheduler=anneal", "optim.anneal_fraction=0.4", "optim.lr=0.01", "optim.min_lr=0.001",
-                    "trainer.max_steps=50", "trainer.max_epochs=100", f"hydra.run.dir={tmp_path / 'run'}"])
+                    "trainer.max_steps=50", "trainer.max_epochs=100", "trainer.log_every_n_steps=5",
+                    f"hydra.run.dir={tmp_path / 'run'}"])
     cfg.paths.output_dir = str(tmp_path / "run")
     train_module.train(cfg)
     lrs = recorder.lrs
@@ -72,6 +74,11 @@ def test_training_with_anneal_sets_the_lr_of_every_step(tmp_path, toy_data, monk
     assert lrs[:31] == [0.01] * 31                   # steps 0..30: progress <= 0.6
     assert lrs[31:] == pytest.approx([0.01 - 0.009 * (s / 50 - 0.6) / 0.4 for s in range(31, 50)])
     assert lrs[-1] == pytest.approx(0.01 - 0.009 * 0.95)
+    # the learning rate is logged by step, so the log shows the decay as it happens
+    with open(tmp_path / "run" / "logs" / "metrics.csv", newline="") as f:
+        logged = [float(row["lr-Adam"]) for row in csv.DictReader(f) if row.get("lr-Adam")]
+    assert len(logged) == 10 and logged[0] == 0.01
+    assert all(any(v == pytest.approx(x) for x in lrs) for v in logged) and logged[-1] < 0.005
 
 
 def test_anneal_without_a_budget_is_refused_before_any_work(tmp_path):
