@@ -5,7 +5,7 @@ against offline batch translation with the same checkpoint and settings.
     seq2seq-serve --checkpoint runs/multi30k-en-de/model.pt &
     python scripts/load_test.py --clients 32 --duration 60 > load.json
 
-Two phases, one after the other, so they never compete for the CPU:
+Three phases, one after the other, so they never compete for the CPU:
 
 1. offline: `Translator.translate_hypotheses` in this process over the first
    --offline-sentences lines of --sentences, with the server's checkpoint (from its
@@ -18,6 +18,9 @@ Two phases, one after the other, so they never compete for the CPU:
    is measured from send to the end of its answer. The clients run on the server's
    machine and take CPU from it, so they are kept lean: aiohttp spends about a tenth of
    httpx's CPU per request (docs/RESULTS.md).
+3. offline again, the same way. A small machine's speed drifts by 10% or more over
+   minutes (docs/RESULTS.md), so the ratio is taken against the mean of the runs before
+   and after the load, and both are reported.
 
 Only a server on this machine (loopback: 127.0.0.0/8, ::1, localhost) is accepted:
 this is a way to measure our own service, not a tool to point at other people's.
@@ -37,8 +40,9 @@ Output: a short table on stderr, and as the last line of stdout one JSON object:
                        the load (all its threads; null if /health does not say);
                        client_cpu_fraction: this process's CPU time / wall time, i.e. the
                        share of a core the clients took from the machine}
-    offline            {checkpoint, precision, sentences, batch_size, seconds, sentences_per_s},
-                       or null with --offline-sentences 0
+    offline            {checkpoint, precision, sentences, batch_size, seconds (of both runs),
+                       sentences_per_s (their mean), before_sentences_per_s,
+                       after_sentences_per_s}, or null with --offline-sentences 0
     served_over_offline  load.sentences_per_s / offline.sentences_per_s (null without offline)
 
 Exit codes: 0 after a run (errors are counted, not fatal), 2 for a bad argument, a
@@ -174,20 +178,30 @@ def decoder_during(before: dict, after: dict) -> dict | None:
             "busy_fraction": busy / wall if wall > 0 else None}
 
 
-def offline_throughput(checkpoint: str, sentences: list[str], beam_size: int, batch_size: int,
-                       precision: str = "float32") -> dict:
-    """Sentences per second of batch translation in this process (torch imported only here)."""
-    from seq2seq.search import SearchOptions
-    from seq2seq.translate import Translator
+class OfflineBaseline:
+    """Batch translation in this process, loaded once and timed as often as asked (torch imported only here)."""
 
-    translator = Translator.from_checkpoint(checkpoint, precision=precision)
-    options = SearchOptions(beam_size=beam_size)
-    translator.translate_hypotheses(sentences[:2], options, batch_size=batch_size)   # warm-up
-    start = time.perf_counter()
-    translator.translate_hypotheses(sentences, options, batch_size=batch_size)
-    seconds = time.perf_counter() - start
-    return {"checkpoint": checkpoint, "precision": precision, "sentences": len(sentences), "batch_size": batch_size,
-            "seconds": round(seconds, 3), "sentences_per_s": len(sentences) / seconds}
+    def __init__(self, checkpoint: str, sentences: list[str], beam_size: int, batch_size: int,
+                 precision: str = "float32"):
+        from seq2seq.search import SearchOptions
+        from seq2seq.translate import Translator
+
+        self.checkpoint, self.sentences, self.batch_size, self.precision = checkpoint, sentences, batch_size, precision
+        self.translator = Translator.from_checkpoint(checkpoint, precision=precision)
+        self.options = SearchOptions(beam_size=beam_size)
+        self.translator.translate_hypotheses(sentences[:2], self.options, batch_size=batch_size)   # warm-up
+
+    def seconds(self) -> float:
+        start = time.perf_counter()
+        self.translator.translate_hypotheses(self.sentences, self.options, batch_size=self.batch_size)
+        return time.perf_counter() - start
+
+    def summary(self, before: float, after: float) -> dict:
+        n = len(self.sentences)
+        return {"checkpoint": self.checkpoint, "precision": self.precision, "sentences": n,
+                "batch_size": self.batch_size, "seconds": [round(before, 3), round(after, 3)],
+                "sentences_per_s": (n / before + n / after) / 2,
+                "before_sentences_per_s": n / before, "after_sentences_per_s": n / after}
 
 
 async def run_clients(url: str, sentences: list[str], clients: int, duration: float, max_requests: int,
@@ -263,8 +277,9 @@ def table(result: dict) -> str:
         ("latency", f"p50 {_fmt(lat['p50'])} ms   p95 {_fmt(lat['p95'])} ms   p99 {_fmt(lat['p99'])} ms   "
                     f"max {_fmt(lat['max'])} ms"),
         ("offline", "not measured" if off is None else
-         f"{off['sentences']} sentences in {off['seconds']:.1f} s: {off['sentences_per_s']:.2f} sentences/s "
-         f"(batch {off['batch_size']})"),
+         f"{off['sentences_per_s']:.2f} sentences/s, the mean of {off['before_sentences_per_s']:.2f} before "
+         f"and {off['after_sentences_per_s']:.2f} after the load ({off['sentences']} sentences, "
+         f"batch {off['batch_size']})"),
         ("clients' CPU", f"{_fmt(100 * (load.get('client_cpu_fraction') or 0))}% of one core"),
         ("server's CPU", "not reported" if load.get("server_cpu_cores") is None else
          f"{_fmt(100 * load['server_cpu_cores'])}% of one core (all its threads)"),
@@ -283,16 +298,16 @@ def run(args: argparse.Namespace) -> dict:
     sentences = read_sentences(args.sentences)
     info = server_info(url)
     service = info.get("service", {})
-    offline = None
+    baseline = offline = None
     if args.offline_sentences:
         checkpoint = args.checkpoint or info.get("checkpoint")
         if not checkpoint:
             raise LoadTestError("the server's /info names no checkpoint: give --checkpoint for the offline baseline")
-        baseline = list(itertools.islice(itertools.cycle(sentences), args.offline_sentences))
+        lines = list(itertools.islice(itertools.cycle(sentences), args.offline_sentences))
         batch_size = args.offline_batch_size or service.get("max_batch_sentences", 64)
         # the server's precision (float32, bfloat16 or int8), so that the ratio compares like with like
-        offline = offline_throughput(checkpoint, baseline, args.beam_size, batch_size,
-                                     service.get("precision", "float32"))
+        baseline = OfflineBaseline(checkpoint, lines, args.beam_size, batch_size, service.get("precision", "float32"))
+        before_s = baseline.seconds()
     warm_up(url, sentences[0], args.beam_size, args.request_timeout)
     before, cpu = server_health(url), time.process_time()
     load = summarise(asyncio.run(run_clients(url, sentences, args.clients, args.duration, args.max_requests,
@@ -302,6 +317,8 @@ def run(args: argparse.Namespace) -> dict:
     after = server_health(url)
     load["decoder"] = decoder_during(before, after)
     load["server_cpu_cores"] = server_cpu_cores(before, after)
+    if baseline is not None:
+        offline = baseline.summary(before_s, baseline.seconds())
     ratio = (load["sentences_per_s"] / offline["sentences_per_s"]
              if offline and load["sentences_per_s"] is not None else None)
     return {"schema": "seq2seq-load-test/1", "url": url, "clients": args.clients, "beam_size": args.beam_size,
