@@ -69,7 +69,7 @@ class BahdanauAttention(Attention):
     included. Where padding is a large share of the memory (a continuous-batching
     search pads every source to the longest one in flight), `masked_scores` computes
     them at the real positions only: the same numbers, gathered and scattered back
-    (when decoding; training's batches are length-bucketed and keep the padded path).
+    (when decoding on a CPU; training's batches are length-bucketed and keep the padded path).
     """
 
     # below this share of real positions in the memory, only the real ones are scored
@@ -91,7 +91,8 @@ class BahdanauAttention(Attention):
 
     def masked_scores(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, width = mask.shape
-        if torch.is_grad_enabled():   # training keeps the measured padded path (and its backward)
+        # training keeps the padded path (and its backward); a GPU would wait on nonzero() for little gain
+        if torch.is_grad_enabled() or keys.device.type != "cpu":
             return super().masked_scores(query, keys, mask)
         real = mask.nonzero()                                       # (P, 2): sentence, position
         if real.size(0) >= self.ragged_below * batch * width:
