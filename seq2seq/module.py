@@ -96,8 +96,11 @@ class TranslationModule(L.LightningModule):
             raise ValueError("optim.scheduler=anneal needs a budget: set trainer.max_time, trainer.max_steps "
                              "or trainer.max_epochs")
         lr = annealed_lr(hp.lr, hp.min_lr, progress, hp.anneal_fraction)
-        for group in self.trainer.optimizers[0].param_groups:
+        optimizer = self.trainer.optimizers[0]
+        for group in optimizer.param_groups:
             group["lr"] = lr
+        # logged here, where it is set (a LearningRateMonitor would read it a step late); same name as the monitor's
+        self.log(f"lr-{type(optimizer).__name__}", lr, on_step=True, on_epoch=False)
 
     def on_fit_start(self) -> None:
         self._fit_started = time.monotonic()

@@ -363,9 +363,9 @@ def train(cfg: DictConfig) -> dict:
     best = ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/bleu", mode="max",
                            save_top_k=1, auto_insert_metric_name=False, enable_version_counter=False)
     last = LastCheckpoint(ckpt_dir, every_n_train_steps=cfg.train.checkpoint_every_n_steps)
-    # anneal sets the rate before every batch: an epoch-interval monitor would log the previous epoch's last one
-    lr_interval = "step" if cfg.optim.scheduler == "anneal" else "epoch"
-    callbacks = [best, last, LearningRateMonitor(logging_interval=lr_interval), TokensPerSecond(),
+    # anneal sets the rate before every batch and logs it itself (module.py); the monitor logs the others' by epoch
+    lr_monitor = [] if cfg.optim.scheduler == "anneal" else [LearningRateMonitor(logging_interval="epoch")]
+    callbacks = [best, last, *lr_monitor, TokensPerSecond(),
                  *epoch_checkpoints(cfg, ckpt_dir), *weight_averaging(cfg),
                  EarlyStopping(monitor="val/bleu", mode="max", patience=cfg.train.early_stopping_patience,
                                check_finite=True, strict=False)]
