@@ -170,12 +170,14 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
     return model
 
 
-# /proc/cpuinfo flags of x86 instruction sets with bfloat16 arithmetic or conversion
+# /proc/cpuinfo flags of x86 bfloat16 instructions: dot products (avx512_bf16, amx_bf16) and the
+# AVX2-level conversions (avx_ne_convert). A CPU with any of them is not refused; one with none
+# of them has no bfloat16 kernels for the LSTM at all.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
 
 
 def cpu_has_bfloat16() -> bool | None:
-    """Whether this CPU has bfloat16 dot-product instructions; None where /proc/cpuinfo is unreadable."""
+    """Whether this CPU has any of the bfloat16 instructions in BF16_FLAGS; None where /proc/cpuinfo is unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
