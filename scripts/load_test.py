@@ -18,16 +18,18 @@ Three phases, one after the other, so they never compete for the CPU:
    is measured from send to the end of its answer. The clients run on the server's
    machine and take CPU from it, so they are kept lean: aiohttp spends about a tenth of
    httpx's CPU per request (docs/RESULTS.md).
-3. offline again, the same way. A small machine's speed drifts by 10% or more over
-   minutes (docs/RESULTS.md), so the ratio is taken against the mean of the runs before
-   and after the load, and both are reported.
+3. offline again, the same way, once the server is idle (nothing queued, no decoder
+   step for 0.5 s: requests the clients gave up on may still be decoding). A small
+   machine's speed drifts by 10% or more over minutes (docs/RESULTS.md), so the ratio is
+   taken against the mean of the two offline rates, before and after the load, and both
+   are reported.
 
 Only a server on this machine (loopback: 127.0.0.0/8, ::1, localhost) is accepted:
 this is a way to measure our own service, not a tool to point at other people's.
 
 Output: a short table on stderr, and as the last line of stdout one JSON object:
 
-    schema             "seq2seq-load-test/1"
+    schema             "seq2seq-load-test/2"
     url, clients, beam_size, duration_s (asked), max_requests, sentences_file
     server             the server's limits and batching (/info "service")
     load               {requests, sentences, errors, errors_by_kind ({"HTTP 408": 3,
@@ -41,7 +43,7 @@ Output: a short table on stderr, and as the last line of stdout one JSON object:
                        client_cpu_fraction: this process's CPU time / wall time, i.e. the
                        share of a core the clients took from the machine}
     offline            {checkpoint, precision, sentences, batch_size, seconds (of both runs),
-                       sentences_per_s (their mean), before_sentences_per_s,
+                       sentences_per_s (the mean of the two rates), before_sentences_per_s,
                        after_sentences_per_s}, or null with --offline-sentences 0
     served_over_offline  load.sentences_per_s / offline.sentences_per_s (null without offline)
 
@@ -140,6 +142,19 @@ def server_health(url: str) -> dict:
         return httpx.get(f"{url}/health", timeout=30, trust_env=False).json()
     except (httpx.HTTPError, ValueError):
         return {}
+
+
+def wait_until_idle(url: str, timeout: float = 60.0) -> None:
+    """Until the server has nothing queued and its decoder took no step for 0.5 s (or `timeout` passes)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        health = server_health(url)
+        now = (health.get("queued_sentences"), (health.get("decoder") or {}).get("steps"))
+        if now == last and now[0] == 0:
+            return
+        last = now
+        time.sleep(0.5)
 
 
 def warm_up(url: str, sentence: str, beam_size: int, timeout: float) -> None:
@@ -318,10 +333,11 @@ def run(args: argparse.Namespace) -> dict:
     load["decoder"] = decoder_during(before, after)
     load["server_cpu_cores"] = server_cpu_cores(before, after)
     if baseline is not None:
+        wait_until_idle(url)
         offline = baseline.summary(before_s, baseline.seconds())
     ratio = (load["sentences_per_s"] / offline["sentences_per_s"]
              if offline and load["sentences_per_s"] is not None else None)
-    return {"schema": "seq2seq-load-test/1", "url": url, "clients": args.clients, "beam_size": args.beam_size,
+    return {"schema": "seq2seq-load-test/2", "url": url, "clients": args.clients, "beam_size": args.beam_size,
             "duration_s": args.duration, "max_requests": args.max_requests, "sentences_file": str(args.sentences),
             "server": service, "load": load, "offline": offline, "served_over_offline": ratio}
 

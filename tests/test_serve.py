@@ -515,7 +515,8 @@ def test_the_load_test_against_a_real_server_answers_every_request(model_path, s
     assert load["decoder"]["sentences"] == 12 and load["server_cpu_cores"] > 0
     off = result["offline"]
     assert off["sentences"] == 6 and result["served_over_offline"] > 0
-    # the baseline is timed before and after the load; the ratio uses their mean
+    # the baseline is timed before and after the load; the ratio uses the mean of the two rates
+    assert result["schema"] == "seq2seq-load-test/2" and len(off["seconds"]) == 2
     assert off["sentences_per_s"] == pytest.approx((off["before_sentences_per_s"] + off["after_sentences_per_s"]) / 2)
     assert result["served_over_offline"] == pytest.approx(load["sentences_per_s"] / off["sentences_per_s"])
     assert "served/offline" in proc.stderr
