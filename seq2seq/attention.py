@@ -69,7 +69,7 @@ class BahdanauAttention(Attention):
     included. Where padding is a large share of the memory (a continuous-batching
     search pads every source to the longest one in flight), `masked_scores` computes
     them at the real positions only: the same numbers, gathered and scattered back
-    (when decoding on a CPU; training's batches are length-bucketed and keep the padded path).
+    (when decoding on a CPU, validation included; training steps keep the padded path).
     """
 
     # below this share of real positions in the memory, only the real ones are scored
