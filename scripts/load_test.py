@@ -37,9 +37,10 @@ Output: a short table on stderr, and as the last line of stdout one JSON object:
                        sentences_per_s (answered sentences / seconds), latency_ms
                        {p50, p95, p99, mean, max} over answered requests, decoder
                        {steps, sentences, mean_batch_sentences, busy_fraction}: the
-                       server's /health totals before and after, or null without them;
-                       server_cpu_cores: the server process's CPU seconds per second of
-                       the load (all its threads; null if /health does not say);
+                       server's /health totals before and after, or null without them
+                       (with several worker processes: all of them, busy_fraction per
+                       worker); server_cpu_cores: the server's CPU seconds per second of
+                       the load (all its threads and workers; null if /health does not say);
                        client_cpu_fraction: this process's CPU time / wall time, i.e. the
                        share of a core the clients took from the machine}
     offline            {checkpoint, precision, sentences, batch_size, seconds (of both runs),
@@ -190,7 +191,8 @@ def decoder_during(before: dict, after: dict) -> dict | None:
             "mean_batch_sentences": (b["sentence_steps"] - a["sentence_steps"]) / steps if steps else None,
             "mean_join_sentences": sentences / joins if joins else None,
             "ms_per_step": 1000 * busy / steps if steps else None,
-            "busy_fraction": busy / wall if wall > 0 else None}
+            # with several worker processes (seq2seq-serve --workers) busy_s sums their decoders
+            "busy_fraction": busy / wall / b.get("workers", 1) if wall > 0 else None}
 
 
 class OfflineBaseline:

@@ -7,7 +7,9 @@
                        "model": "model.pt", "elapsed_ms": 41.3}
     GET  /health      {"status": "ok", "queued_sentences": 0, "decoder": {totals: sentences, steps,
                       sentence_steps, mean_batch_sentences, busy_s, uptime_s}, "process_cpu_s":
-                      CPU seconds of the whole service so far}; 503 if the decoding thread is gone
+                      CPU seconds of the whole service so far}; 503 if the decoding thread is gone.
+                      With --workers N: the totals of all N processes, "decoder" also has
+                      "workers": N, and "workers" lists each one's pid, sentences and steps
     GET  /info        the model card (`seq2seq.info.model_card`), its limits under "service"
     GET  /            a page to type into, with the first sentence's attention drawn
     GET  /openapi.json  the OpenAPI description; /docs shows it (Swagger UI, whose
@@ -22,8 +24,9 @@ hypotheses of that sentence, best first (a blank sentence: [""] and [0.0]). With
 when that sentence is blank.
 
 Concurrent requests are decoded together by a `Batcher` (batcher.py) running the model
-in one thread, with continuous batching: a sentence joins the running search at the
-next decoder step and leaves it as soon as it is finished. A request's results are
+in one thread (one per process with `--workers N`: workers.py), with continuous batching:
+a sentence joins the running search at the next decoder step and leaves it as soon as it
+is finished. A request's results are
 those `Translator.translate_hypotheses` gives for the same sentences and options. Every refusal is a 4xx with a JSON body; a limit names
 itself: `{"error": "too many sentences", "limit": "max_sentences", "value": 64}`.
 """
@@ -56,6 +59,7 @@ from .info import model_card
 from .quantize import PRECISIONS
 from .search import NORMALISATIONS, SearchOptions
 from .translate import Translation, Translator
+from .workers import StatsBoard, WorkerSpec, check_workers_supported, default_threads, serve_workers
 
 log = logging.getLogger("seq2seq")
 
@@ -209,12 +213,14 @@ def _page() -> str:
 
 def create_app(source: Translator | str | Path, settings: ServeSettings | None = None, *,
                card: dict | None = None, device: str = "cpu", max_source_len: int = 250,
-               precision: str = "float32") -> FastAPI:
+               precision: str = "float32", board: tuple[StatsBoard, int] | None = None) -> FastAPI:
     """The service over a checkpoint path (its card is read from it) or a loaded Translator.
 
     A Translator comes without a file to read a card from: pass `card` for /info to
     answer (else /info answers 404). The batcher's thread runs while the app's lifespan
-    does (uvicorn, or `with TestClient(app)`).
+    does (uvicorn, or `with TestClient(app)`). `board`: (the shared board, this worker's
+    row) when this app is one of several worker processes (workers.py); /health then
+    answers for all of them.
     """
     settings = settings or ServeSettings()
     if isinstance(source, (str, Path)):
@@ -232,9 +238,12 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
+        publishing = asyncio.create_task(board[0].keep_publishing(board[1], batcher)) if board else None
         try:
             yield
         finally:
+            if publishing:
+                publishing.cancel()
             # uvicorn has let in-flight requests finish by now; close() decodes any leftovers
             await asyncio.to_thread(batcher.close, settings.timeout_s)
 
@@ -309,8 +318,12 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         if not batcher.alive:
             return JSONResponse({"status": "decoding worker stopped", "queued_sentences": batcher.pending},
                                 status_code=503)
-        return {"status": "ok", "queued_sentences": batcher.pending, "decoder": batcher.stats.as_dict(),
-                "process_cpu_s": round(time.process_time(), 3)}   # all threads: decoder, torch's, HTTP
+        own = {"status": "ok", "queued_sentences": batcher.pending, "decoder": batcher.stats.as_dict(),
+               "process_cpu_s": round(time.process_time(), 3)}   # all threads: decoder, torch's, HTTP
+        if board is None:
+            return own
+        board[0].publish(board[1], batcher)
+        return {"status": "ok", **board[0].health(own["decoder"])}
 
     @app.get("/info")
     async def info():
@@ -364,6 +377,13 @@ def serve_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-beam", type=int, default=d.max_beam, help=f"largest beam_size (default: {d.max_beam})")
     g.add_argument("--max-queued", type=int, default=d.max_queued,
                    help=f"sentences waiting for decoding, all requests together; beyond, 503 (default: {d.max_queued})")
+    g = p.add_argument_group("processes")
+    g.add_argument("--workers", type=int, default=1,
+                   help="service processes sharing the port, each with its own model and decoder (Linux; "
+                        "default: 1). Two use a 2-core CPU better than one (docs/RESULTS.md)")
+    g.add_argument("--threads", type=int, default=None,
+                   help="intra-op threads of each process's decoder (default: with one worker, torch's "
+                        "default; with more, the CPUs shared out among them)")
     p.add_argument("--graceful-timeout", type=int, default=30,
                    help="on SIGTERM/Ctrl+C, seconds to let in-flight requests finish (default: 30)")
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info")
@@ -391,33 +411,53 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _serve(argv: Sequence[str] | None) -> int:
+def run_server(app: FastAPI, log_level: str, graceful_timeout: int, *, host: str = "127.0.0.1",
+               port: int = 8000, sockets: list | None = None) -> int:
+    """uvicorn over the app until SIGTERM/SIGINT (in-flight requests finish); 0 if it started."""
     import uvicorn  # the server is needed by the command line only; tests drive the app directly
 
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level,
+                                           timeout_graceful_shutdown=graceful_timeout))
+    # After its graceful shutdown uvicorn raises the caught SIGTERM again, so that the
+    # process dies of it. A stop asked for by a service manager is a clean exit: a no-op
+    # handler absorbs that second SIGTERM and we return 0.
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return 0 if server.started else 1
+
+
+def _serve(argv: Sequence[str] | None) -> int:
     from .cli import check_precision_flags  # the same message as seq2seq-translate's
 
     args = serve_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
+    for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
+        if value is not None and value < 1:
+            raise InputError(f"{flag} must be >= 1, got {value}")
     settings = _settings(args)
     check_precision_flags(args.precision, args.device)
     if not _is_loopback(args.host):
         log.warning("binding %s: the service has no authentication; anyone who can reach it can use it", args.host)
+    if args.workers > 1:
+        check_workers_supported()
+        card = model_card(args.checkpoint)   # a bad checkpoint fails here, before any worker starts
+        spec = WorkerSpec(args.checkpoint, card, settings, args.device, args.max_source_len, args.precision,
+                          args.host, args.port, args.threads or default_threads(args.workers), args.log_level,
+                          args.graceful_timeout)
+        log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
+        return serve_workers(spec, args.workers)
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     app = create_app(args.checkpoint, settings, device=args.device, max_source_len=args.max_source_len,
                      precision=args.precision)
     log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=args.graceful_timeout))
-    # After its graceful shutdown uvicorn raises the caught SIGTERM again, so that the
-    # process dies of it. A stop asked for by a service manager is a clean exit: a no-op
-    # handler absorbs that second SIGTERM and we return 0.
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    try:
-        server.run()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return 0 if server.started else 1
+    return run_server(app, args.log_level, args.graceful_timeout, host=args.host, port=args.port)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -244,6 +244,20 @@ def weight_averaging(cfg: DictConfig) -> list[MovingAverage]:
     return [MovingAverage(decay, int(cfg.train.ema_start_step))] if decay > 0 else []
 
 
+def early_stopping(cfg: DictConfig) -> list[EarlyStopping]:
+    """Stop after train.early_stopping_patience validations without a better BLEU (0: never).
+
+    Not with optim.scheduler=anneal: that schedule sets the length of training itself,
+    and its last stretch, where the learning rate falls, is where the gains come; a plateau
+    of validation BLEU before it is no reason to stop (on CPU-2 an En->De run stopped on one,
+    with the learning rate still at a third of its peak: docs/RESULTS.md).
+    """
+    patience = int(cfg.train.early_stopping_patience)
+    if patience <= 0 or cfg.optim.scheduler == "anneal":
+        return []
+    return [EarlyStopping(monitor="val/bleu", mode="max", patience=patience, check_finite=True, strict=False)]
+
+
 def clear_previous_outputs(run_dir: Path) -> None:
     """A run that starts over (no resume) must not average or export an earlier run's files."""
     stale = [run_dir / "checkpoints" / "epochs", run_dir / "model.best.pt", run_dir / "model.avg.pt",
@@ -366,9 +380,7 @@ def train(cfg: DictConfig) -> dict:
     # anneal sets the rate before every batch and logs it itself (module.py); the monitor logs the others' by epoch
     lr_monitor = [] if cfg.optim.scheduler == "anneal" else [LearningRateMonitor(logging_interval="epoch")]
     callbacks = [best, last, *lr_monitor, TokensPerSecond(),
-                 *epoch_checkpoints(cfg, ckpt_dir), *weight_averaging(cfg),
-                 EarlyStopping(monitor="val/bleu", mode="max", patience=cfg.train.early_stopping_patience,
-                               check_finite=True, strict=False)]
+                 *epoch_checkpoints(cfg, ckpt_dir), *weight_averaging(cfg), *early_stopping(cfg)]
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=instantiate(cfg.logger),
                                      default_root_dir=str(run_dir), plugins=[AtomicCheckpointIO()])
     with atomic_write(run_dir / "config.yaml") as f:

@@ -88,3 +88,17 @@ def test_anneal_without_a_budget_is_refused_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "set trainer.max_time, trainer.max_steps or trainer.max_epochs" in proc.stderr.decode()
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("scheduler, patience, stops", [("plateau", 6, True), ("none", 3, True),
+                                                        ("anneal", 6, False), ("plateau", 0, False)])
+def test_early_stopping_is_off_where_the_schedule_sets_the_length(scheduler, patience, stops):
+    from omegaconf import OmegaConf
+
+    from seq2seq.train import early_stopping
+
+    cfg = OmegaConf.create({"optim": {"scheduler": scheduler}, "train": {"early_stopping_patience": patience}})
+    callbacks = early_stopping(cfg)
+    assert len(callbacks) == int(stops)
+    if stops:
+        assert (callbacks[0].monitor, callbacks[0].mode, callbacks[0].patience) == ("val/bleu", "max", patience)

@@ -1,7 +1,7 @@
 """seq2seq-serve: the JSON API, its limits, the dynamic batcher, and a graceful stop.
 
-API tests drive the app in-process through FastAPI's TestClient; only the SIGTERM test
-(and tests/test_browser.py) start a real uvicorn process.
+API tests drive the app in-process through FastAPI's TestClient; only the SIGTERM, worker
+and load-test tests (and tests/test_browser.py) start a real uvicorn process.
 """
 
 from __future__ import annotations
@@ -412,6 +412,12 @@ def test_bad_flags_and_checkpoints_are_one_line_and_exit_code_2(tmp_path, capsys
     assert capsys.readouterr().err == "error: --join-wait-ms must be >= 0, got -5.0\n"
     assert main(["--checkpoint", "x.pt", "--join-group", "0"]) == 2
     assert capsys.readouterr().err == "error: --join-group must be >= 1, got 0\n"
+    assert main(["--checkpoint", "x.pt", "--workers", "0"]) == 2
+    assert capsys.readouterr().err == "error: --workers must be >= 1, got 0\n"
+    assert main(["--checkpoint", "x.pt", "--threads", "0"]) == 2
+    assert capsys.readouterr().err == "error: --threads must be >= 1, got 0\n"
+    assert main(["--checkpoint", str(tmp_path / "missing.pt"), "--workers", "2"]) == 2
+    assert capsys.readouterr().err.startswith("error: not a valid seq2seq checkpoint:")
     assert main(["--checkpoint", "x.pt", "--precision", "int8", "--device", "cuda"]) == 2
     assert capsys.readouterr().err.startswith("error: --precision int8 --device cuda: precision int8 runs on the CPU only")
     with pytest.raises(ValueError, match="max_beam must be >= 1, got 0"):
@@ -470,6 +476,72 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(model_path, transla
     r = answer["r"]
     assert r.status_code == 200
     assert r.json()["translations"] == [h[0].text for h in offline(translator, sentences[:2], beam_size=5)]
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def wait_for(condition, timeout: float = 10.0, what: str = "the condition"):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, f"{what} did not hold within {timeout} s"
+        time.sleep(0.05)
+    return value
+
+
+def both_up(url: str) -> list[int]:
+    """The two workers' pids, once both have started (a worker's row is zero until then)."""
+    pids = wait_for(lambda: all(p := [w["pid"] for w in httpx.get(f"{url}/health").json()["workers"]]) and p,
+                    timeout=60, what="both workers publishing")
+    time.sleep(0.5)   # a worker publishes as its app starts, a moment before its socket listens
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT")
+def test_workers_share_the_port_answer_as_offline_and_health_sums_them(model_path, translator, sentences):
+    with running_server(model_path, "--workers", "2", "--threads", "1") as (proc, url):
+        both_up(url)
+        # a fresh connection per request: the kernel spreads connections over the workers
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda s: httpx.post(f"{url}/translate", json={"text": [s]}, timeout=60),
+                                    sentences[:8] * 3))
+        assert [a.status_code for a in answers] == [200] * 24
+        expected = [h[0].text for h in offline(translator, sentences[:8], beam_size=5)] * 3
+        assert [a.json()["translations"][0] for a in answers] == expected
+        health = wait_for(lambda: (h := httpx.get(f"{url}/health").json())["decoder"]["sentences"] == 24 and h,
+                          what="/health counting all 24 sentences")
+        assert health["decoder"]["workers"] == 2 and len(health["workers"]) == 2
+        assert all(w["sentences"] > 0 for w in health["workers"]), health["workers"]   # both served
+        pids = [w["pid"] for w in health["workers"]]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-3000:]
+    assert all(gone(pid) for pid in pids)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT")
+def test_a_worker_that_dies_stops_the_service_with_exit_1(model_path):
+    with running_server(model_path, "--workers", "2", "--threads", "1") as (proc, url):
+        pids = both_up(url)
+        os.kill(pids[0], signal.SIGKILL)
+        assert proc.wait(timeout=60) == 1
+        output = proc.stdout.read().decode()
+    assert "exited with code -9; stopping the others" in output, output[-3000:]
+    assert gone(pids[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT")
+def test_workers_on_a_port_another_program_holds_is_one_line_and_exit_code_2(model_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["--checkpoint", str(model_path), "--workers", "2", "--port", str(port)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot serve on 127.0.0.1:{port}: [Errno 98]")
 
 
 def test_load_test_refuses_a_non_loopback_server():

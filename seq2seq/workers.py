@@ -1,0 +1,202 @@
+"""Several service processes on one port: `seq2seq-serve --workers N`.
+
+One service process decodes in one thread and answers HTTP in another, and the two take
+turns at the interpreter lock: on a 2-core machine it keeps about 1.6 cores busy under
+load (docs/RESULTS.md). With `--workers N` each of N processes is a whole service (its own
+model, batcher and event loop, `--threads` intra-op threads) listening on the same port
+through its own SO_REUSEPORT socket; Linux hands each new connection to one of them by a
+hash of the connection's addresses, so connections spread over the workers instead of
+piling onto whichever process happens to call accept() first.
+
+The parent process loads nothing but the model card (so a bad checkpoint fails before any
+worker starts), holds the port, starts the workers in their own process group (a Ctrl+C
+in the terminal reaches the parent only) and forwards SIGTERM / SIGINT to them as
+SIGTERM: each finishes its in-flight requests, then exits. A worker that dies on its own
+stops the service: the parent stops the others and exits 1, for a supervisor to restart.
+A worker whose parent is gone stops itself.
+
+`/health` answers for the whole service: every worker publishes its decoder totals, CPU
+time and queue length to a `StatsBoard` (shared memory, a few numbers per worker, every
+0.2 s and on each /health), and whichever worker answers sums them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from multiprocessing.connection import wait
+
+from .batcher import Batcher
+from .files import InputError
+
+log = logging.getLogger("seq2seq")
+
+FIELDS = ("sentences", "steps", "sentence_steps", "busy_s", "joins", "cpu_s", "queued", "pid")
+PUBLISH_EVERY_S = 0.2
+
+
+class StatsBoard:
+    """Each worker's decoder totals in shared memory: worker i writes row i, anyone reads all."""
+
+    def __init__(self, workers: int, ctx=None):
+        self.workers = workers
+        self.array = (ctx or mp.get_context("spawn")).RawArray("d", workers * len(FIELDS))
+
+    def publish(self, index: int, batcher: Batcher) -> None:
+        s = batcher.stats
+        row = (s.sentences, s.steps, s.sentence_steps, s.busy_s, s.joins, time.process_time(),
+               batcher.pending, os.getpid())
+        start = index * len(FIELDS)
+        self.array[start:start + len(FIELDS)] = row
+
+    def rows(self) -> list[dict]:
+        n = len(FIELDS)
+        return [dict(zip(FIELDS, self.array[i * n:(i + 1) * n])) for i in range(self.workers)]
+
+    def health(self, own: dict) -> dict:
+        """/health's numbers for the whole service; `own` is the answering worker's decoder dict."""
+        rows = self.rows()
+        total = {f: sum(r[f] for r in rows) for f in ("sentences", "steps", "sentence_steps", "joins")}
+        total = {f: int(v) for f, v in total.items()}
+        steps = total["steps"]
+        decoder = {**total,
+                   "mean_batch_sentences": round(total["sentence_steps"] / steps, 2) if steps else None,
+                   "busy_s": round(sum(r["busy_s"] for r in rows), 3),
+                   "uptime_s": own["uptime_s"], "workers": self.workers}
+        return {"queued_sentences": int(sum(r["queued"] for r in rows)), "decoder": decoder,
+                "process_cpu_s": round(sum(r["cpu_s"] for r in rows), 3),
+                "workers": [{"pid": int(r["pid"]), "sentences": int(r["sentences"]), "steps": int(r["steps"]),
+                             "queued_sentences": int(r["queued"])} for r in rows]}
+
+    async def keep_publishing(self, index: int, batcher: Batcher) -> None:
+        while True:
+            self.publish(index, batcher)
+            await asyncio.sleep(PUBLISH_EVERY_S)
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to (host, port) with SO_REUSEPORT (not listening yet)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
+def check_workers_supported() -> None:
+    if not sys.platform.startswith("linux") or not hasattr(socket, "SO_REUSEPORT"):
+        raise InputError(f"--workers above 1 needs Linux's SO_REUSEPORT load balancing (this is {sys.platform}); "
+                      f"run one worker per port behind a proxy instead")
+
+
+def default_threads(workers: int) -> int:
+    """The CPUs this process may use, shared out among the workers (at least one each)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // workers)
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to build its service: picklable, sent to each spawned process."""
+
+    checkpoint: str
+    card: dict
+    settings: object              # serve.ServeSettings
+    device: str
+    max_source_len: int
+    precision: str
+    host: str
+    port: int
+    threads: int
+    log_level: str
+    graceful_timeout: int
+
+
+def _watch_parent(parent: int) -> None:
+    """Stop this worker (gracefully) once the process that started it is gone."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(index: int, spec: WorkerSpec, board: StatsBoard, parent: int) -> None:
+    os.setpgrp()   # the terminal's Ctrl+C goes to the parent, which asks each worker to stop once
+    import torch
+
+    from .serve import create_app, run_server
+
+    logging.basicConfig(level=spec.log_level.upper(), format=f"%(levelname)s: [worker {index}] %(message)s")
+    torch.set_num_threads(spec.threads)
+    threading.Thread(target=_watch_parent, args=(parent,), name="seq2seq-parent-watch", daemon=True).start()
+    sock = reuseport_socket(spec.host, spec.port)
+    app = create_app(spec.checkpoint, spec.settings, card=spec.card, device=spec.device,
+                     max_source_len=spec.max_source_len, precision=spec.precision, board=(board, index))
+    sys.exit(run_server(app, spec.log_level, spec.graceful_timeout, sockets=[sock]))
+
+
+def serve_workers(spec: WorkerSpec, workers: int) -> int:
+    """Run `workers` service processes on spec.host:spec.port until SIGTERM/SIGINT; the exit code."""
+    check_workers_supported()
+    try:   # holds the port (and resolves port 0) while the workers start
+        holder = reuseport_socket(spec.host, spec.port)
+    except OSError as e:   # taken by another program, not an address of this machine, ...
+        raise InputError(f"cannot serve on {spec.host}:{spec.port}: {e}") from None
+    spec = WorkerSpec(**{**vars(spec), "port": holder.getsockname()[1]})
+    ctx = mp.get_context("spawn")   # fresh interpreters: no torch threads or locks inherited through fork
+    board = StatsBoard(workers, ctx)
+    procs = [ctx.Process(target=_worker, args=(i, spec, board, os.getpid()), name=f"seq2seq-serve-{i}")
+             for i in range(workers)]
+    stopping = threading.Event()
+    failed: list[str] = []
+
+    def stop(signum=None, frame=None) -> None:
+        stopping.set()
+        for p in procs:
+            if p.pid is not None and p.exitcode is None:
+                try:
+                    os.kill(p.pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for p in procs:
+            p.start()
+        log.info("serving http://%s:%d with %d worker processes (intra-op threads: %d each)", spec.host, spec.port,
+                 workers, spec.threads)
+        running = list(procs)
+        while running:
+            wait([p.sentinel for p in running], timeout=1.0)
+            for p in [p for p in running if p.exitcode is not None]:
+                running.remove(p)
+                if not stopping.is_set():
+                    failed.append(f"{p.name} (pid {p.pid}) exited with code {p.exitcode}")
+                    log.error("worker %s; stopping the others", failed[-1])
+                    stop()
+    finally:
+        stop()
+        for p in procs:
+            if p.pid is not None:
+                p.join(timeout=spec.graceful_timeout + 10)
+                if p.exitcode is None:
+                    p.kill()
+                    p.join()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        holder.close()
+    failed += [f"{p.name} exited with code {p.exitcode}" for p in procs if p.exitcode not in (0, None)
+               and not any(p.name in f for f in failed)]
+    return 1 if failed else 0
