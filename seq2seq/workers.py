@@ -1,8 +1,8 @@
 """Several service processes on one port: `seq2seq-serve --workers N`.
 
 One service process decodes in one thread and answers HTTP in another, and the two take
-turns at the interpreter lock: on a 2-core machine it keeps about 1.6 cores busy under
-load (docs/RESULTS.md). With `--workers N` each of N processes is a whole service (its own
+turns at the interpreter lock: on a 2-core machine it keeps about 1.5 cores busy under
+load, two workers 1.9 (docs/RESULTS.md, "Two worker processes"). With `--workers N` each of N processes is a whole service (its own
 model, batcher and event loop, `--threads` intra-op threads) listening on the same port
 through its own SO_REUSEPORT socket; Linux hands each new connection to one of them by a
 hash of the connection's addresses, so connections spread over the workers instead of
@@ -198,5 +198,5 @@ def serve_workers(spec: WorkerSpec, workers: int) -> int:
             signal.signal(s, handler)
         holder.close()
     failed += [f"{p.name} exited with code {p.exitcode}" for p in procs if p.exitcode not in (0, None)
-               and not any(p.name in f for f in failed)]
+               and not any(f.startswith(f"{p.name} ") for f in failed)]
     return 1 if failed else 0
