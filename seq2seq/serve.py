@@ -318,12 +318,11 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         if not batcher.alive:
             return JSONResponse({"status": "decoding worker stopped", "queued_sentences": batcher.pending},
                                 status_code=503)
-        own = {"status": "ok", "queued_sentences": batcher.pending, "decoder": batcher.stats.as_dict(),
-               "process_cpu_s": round(time.process_time(), 3)}   # all threads: decoder, torch's, HTTP
-        if board is None:
-            return own
-        board[0].publish(board[1], batcher)
-        return {"status": "ok", **board[0].health(own["decoder"])}
+        if board is not None:   # one of several worker processes: answer for all of them
+            board[0].publish(board[1], batcher)
+            return {"status": "ok", **board[0].health(batcher)}
+        return {"status": "ok", "queued_sentences": batcher.pending, "decoder": batcher.stats.as_dict(),
+                "process_cpu_s": round(time.process_time(), 3)}   # all threads: decoder, torch's, HTTP
 
     @app.get("/info")
     async def info():

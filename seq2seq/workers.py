@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from multiprocessing.connection import wait
 
-from .batcher import Batcher
+from .batcher import Batcher, DecoderStats
 from .files import InputError
 
 log = logging.getLogger("seq2seq")
@@ -61,17 +61,13 @@ class StatsBoard:
         n = len(FIELDS)
         return [dict(zip(FIELDS, self.array[i * n:(i + 1) * n])) for i in range(self.workers)]
 
-    def health(self, own: dict) -> dict:
-        """/health's numbers for the whole service; `own` is the answering worker's decoder dict."""
+    def health(self, batcher: Batcher) -> dict:
+        """/health's numbers for the whole service, read by the worker that owns `batcher`."""
         rows = self.rows()
-        total = {f: sum(r[f] for r in rows) for f in ("sentences", "steps", "sentence_steps", "joins")}
-        total = {f: int(v) for f, v in total.items()}
-        steps = total["steps"]
-        decoder = {**total,
-                   "mean_batch_sentences": round(total["sentence_steps"] / steps, 2) if steps else None,
-                   "busy_s": round(sum(r["busy_s"] for r in rows), 3),
-                   "uptime_s": own["uptime_s"], "workers": self.workers}
-        return {"queued_sentences": int(sum(r["queued"] for r in rows)), "decoder": decoder,
+        counts = {f: int(sum(r[f] for r in rows)) for f in ("sentences", "steps", "sentence_steps", "joins")}
+        totals = DecoderStats(**counts, busy_s=sum(r["busy_s"] for r in rows), started=batcher.stats.started)
+        return {"queued_sentences": int(sum(r["queued"] for r in rows)),
+                "decoder": {**totals.as_dict(), "workers": self.workers},
                 "process_cpu_s": round(sum(r["cpu_s"] for r in rows), 3),
                 "workers": [{"pid": int(r["pid"]), "sentences": int(r["sentences"]), "steps": int(r["steps"]),
                              "queued_sentences": int(r["queued"])} for r in rows]}
@@ -148,8 +144,10 @@ def _worker(index: int, spec: WorkerSpec, board: StatsBoard, parent: int) -> Non
 
 
 def serve_workers(spec: WorkerSpec, workers: int) -> int:
-    """Run `workers` service processes on spec.host:spec.port until SIGTERM/SIGINT; the exit code."""
-    check_workers_supported()
+    """Run `workers` service processes on spec.host:spec.port until SIGTERM/SIGINT; the exit code.
+
+    The caller has checked `check_workers_supported` (before loading anything).
+    """
     try:   # holds the port (and resolves port 0) while the workers start
         holder = reuseport_socket(spec.host, spec.port)
     except OSError as e:   # taken by another program, not an address of this machine, ...
