@@ -21,6 +21,12 @@ log = logging.getLogger(__name__)
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
+# SentencePiece encodes a list of lines on a pool of threads it starts for each call. On an
+# idle 2-core CPU that costs 0.08 ms for one line (0.007 ms alone) and wins from ~64 lines
+# (docs/RESULTS.md, "Encoding a few lines"); on busy cores, as under a service's load, the
+# threads wait for a core (~1.3 ms for one line). Fewer lines than this go one at a time.
+THREADED_ENCODE_FROM = 64
+
 
 class Tokenizer:
     """A SentencePiece model: text <-> subword ids."""
@@ -50,6 +56,8 @@ class Tokenizer:
 
     def encode(self, lines: Sequence[str]) -> list[list[int]]:
         """Subword ids of each line, without BOS/EOS."""
+        if len(lines) < THREADED_ENCODE_FROM:   # a service's few sentences: no thread pool
+            return [self.sp.encode(line, out_type=int) for line in lines]
         return self.sp.encode(list(lines), out_type=int)
 
     def encode_sampled(self, line: str, alpha: float, nbest: int = -1) -> list[int]:

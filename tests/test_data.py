@@ -9,7 +9,7 @@ import torch
 from seq2seq.data import BucketBatchSampler, ParallelDataset, SubwordSampling, TokenArray, collate, read_parallel
 from seq2seq.datamodule import ResumableDataLoader, TranslationDataModule
 from seq2seq.files import InputError
-from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID, train_tokenizer
+from seq2seq.tokenizer import BOS_ID, EOS_ID, PAD_ID, THREADED_ENCODE_FROM, UNK_ID, train_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -21,6 +21,15 @@ def test_tokenizer_round_trip(toy_data, toy_tokenizer):
     lines = (toy_data / "valid.tgt").read_text().splitlines()[:20]
     assert toy_tokenizer.decode(toy_tokenizer.encode(lines)) == lines
     assert toy_tokenizer.sp.pad_id() == PAD_ID and toy_tokenizer.sp.eos_id() == EOS_ID
+
+
+def test_tokenizer_encodes_few_and_many_lines_alike(toy_data, toy_tokenizer):
+    # a few lines go one at a time, many through SentencePiece's threads: the same ids
+    lines = (toy_data / "valid.src").read_text().splitlines()
+    many = (lines * (THREADED_ENCODE_FROM // len(lines) + 1))[:THREADED_ENCODE_FROM]
+    assert toy_tokenizer.encode(many) == [toy_tokenizer.encode([line])[0] for line in many]
+    assert toy_tokenizer.encode(many[:3]) == toy_tokenizer.encode(many)[:3]
+    assert toy_tokenizer.encode([]) == []
 
 
 def test_collate_adds_specials_and_pads():
