@@ -39,7 +39,8 @@ Output: a short table on stderr, and as the last line of stdout one JSON object:
                        {steps, sentences, mean_batch_sentences, busy_fraction}: the
                        server's /health totals before and after, or null without them
                        (with several worker processes: all of them, busy_fraction per
-                       worker); server_cpu_cores: the server's CPU seconds per second of
+                       worker), worker_sentences (each worker's, or null with one);
+                       server_cpu_cores: the server's CPU seconds per second of
                        the load (all its threads and workers; null if /health does not say);
                        client_cpu_fraction: this process's CPU time / wall time, i.e. the
                        share of a core the clients took from the machine}
@@ -187,12 +188,16 @@ def decoder_during(before: dict, after: dict) -> dict | None:
     joins = b.get("joins", 0) - a.get("joins", 0)
     sentences = b["sentences"] - a["sentences"]
     busy = b["busy_s"] - a["busy_s"]
+    per_worker = None
+    if len(before.get("workers", [])) == len(after.get("workers", [])) > 0:
+        per_worker = [y["sentences"] - x["sentences"] for x, y in zip(before["workers"], after["workers"])]
     return {"steps": steps, "sentences": sentences, "joins": joins,
             "mean_batch_sentences": (b["sentence_steps"] - a["sentence_steps"]) / steps if steps else None,
             "mean_join_sentences": sentences / joins if joins else None,
             "ms_per_step": 1000 * busy / steps if steps else None,
             # with several worker processes (seq2seq-serve --workers) busy_s sums their decoders
-            "busy_fraction": busy / wall / b.get("workers", 1) if wall > 0 else None}
+            "busy_fraction": busy / wall / b.get("workers", 1) if wall > 0 else None,
+            "worker_sentences": per_worker}
 
 
 class OfflineBaseline:

@@ -9,7 +9,8 @@
                       sentence_steps, mean_batch_sentences, busy_s, uptime_s}, "process_cpu_s":
                       CPU seconds of the whole service so far}; 503 if the decoding thread is gone.
                       With --workers N: the totals of all N processes, "decoder" also has
-                      "workers": N, and "workers" lists each one's pid, sentences and steps
+                      "workers": N, "workers" lists each one's pid, sentences, steps and
+                      whether its decoding thread runs; 503 if any worker's has stopped
     GET  /info        the model card (`seq2seq.info.model_card`), its limits under "service"
     GET  /            a page to type into, with the first sentence's attention drawn
     GET  /openapi.json  the OpenAPI description; /docs shows it (Swagger UI, whose
@@ -320,7 +321,8 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
                                 status_code=503)
         if board is not None:   # one of several worker processes: answer for all of them
             board[0].publish(board[1], batcher)
-            return {"status": "ok", **board[0].health(batcher)}
+            answer = board[0].health(batcher)
+            return answer if answer["status"] == "ok" else JSONResponse(answer, status_code=503)
         return {"status": "ok", "queued_sentences": batcher.pending, "decoder": batcher.stats.as_dict(),
                 "process_cpu_s": round(time.process_time(), 3)}   # all threads: decoder, torch's, HTTP
 

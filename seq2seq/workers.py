@@ -39,7 +39,7 @@ from .files import InputError
 
 log = logging.getLogger("seq2seq")
 
-FIELDS = ("sentences", "steps", "sentence_steps", "busy_s", "joins", "cpu_s", "queued", "pid")
+FIELDS = ("sentences", "steps", "sentence_steps", "busy_s", "joins", "cpu_s", "queued", "pid", "decoding")
 PUBLISH_EVERY_S = 0.2
 
 
@@ -53,7 +53,7 @@ class StatsBoard:
     def publish(self, index: int, batcher: Batcher) -> None:
         s = batcher.stats
         row = (s.sentences, s.steps, s.sentence_steps, s.busy_s, s.joins, time.process_time(),
-               batcher.pending, os.getpid())
+               batcher.pending, os.getpid(), float(batcher.alive))
         start = index * len(FIELDS)
         self.array[start:start + len(FIELDS)] = row
 
@@ -62,15 +62,23 @@ class StatsBoard:
         return [dict(zip(FIELDS, self.array[i * n:(i + 1) * n])) for i in range(self.workers)]
 
     def health(self, batcher: Batcher) -> dict:
-        """/health's numbers for the whole service, read by the worker that owns `batcher`."""
+        """/health's answer for the whole service, read by the worker that owns `batcher`.
+
+        "status" is "ok" unless a worker that has started (published a pid) reports its
+        decoding thread stopped: that worker answers every translation with 503, so the
+        service is not healthy whichever worker is asked.
+        """
         rows = self.rows()
+        stopped = [i for i, r in enumerate(rows) if r["pid"] and not r["decoding"]]
         counts = {f: int(sum(r[f] for r in rows)) for f in ("sentences", "steps", "sentence_steps", "joins")}
         totals = DecoderStats(**counts, busy_s=sum(r["busy_s"] for r in rows), started=batcher.stats.started)
-        return {"queued_sentences": int(sum(r["queued"] for r in rows)),
+        status = f"decoding worker stopped in worker {', '.join(map(str, stopped))}" if stopped else "ok"
+        return {"status": status, "queued_sentences": int(sum(r["queued"] for r in rows)),
                 "decoder": {**totals.as_dict(), "workers": self.workers},
                 "process_cpu_s": round(sum(r["cpu_s"] for r in rows), 3),
                 "workers": [{"pid": int(r["pid"]), "sentences": int(r["sentences"]), "steps": int(r["steps"]),
-                             "queued_sentences": int(r["queued"])} for r in rows]}
+                             "queued_sentences": int(r["queued"]), "decoding": bool(r["decoding"])}
+                            for r in rows]}
 
     async def keep_publishing(self, index: int, batcher: Batcher) -> None:
         while True:

@@ -29,6 +29,7 @@ from seq2seq.batcher import Batcher, BatcherUnavailable
 from seq2seq.search import SearchOptions
 from seq2seq.serve import ServeSettings, create_app, main
 from seq2seq.translate import Translator
+from seq2seq.workers import FIELDS, StatsBoard
 
 from .conftest import console
 
@@ -523,6 +524,21 @@ def test_workers_share_the_port_answer_as_offline_and_health_sums_them(model_pat
     assert all(gone(pid) for pid in pids)
 
 
+def test_health_of_several_workers_is_503_while_any_of_their_decoders_is_stopped(model_path):
+    import multiprocessing
+
+    board = StatsBoard(2, multiprocessing.get_context("spawn"))
+    with TestClient(create_app(model_path, LIMITS, board=(board, 0))) as c:
+        assert c.get("/health").json()["status"] == "ok"             # worker 1 not started yet: no verdict
+        n = len(FIELDS)
+        board.array[n:2 * n] = [0.0] * FIELDS.index("pid") + [4242.0, 0.0]   # worker 1: pid, decoder stopped
+        r = c.get("/health")
+        assert r.status_code == 503 and r.json()["status"] == "decoding worker stopped in worker 1"
+        assert [w["decoding"] for w in r.json()["workers"]] == [True, False]
+        board.array[2 * n - 1] = 1.0                                  # its decoder runs again
+        assert c.get("/health").status_code == 200
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT")
 def test_a_worker_that_dies_stops_the_service_with_exit_1(model_path):
     with running_server(model_path, "--workers", "2", "--threads", "1") as (proc, url):
@@ -566,7 +582,10 @@ def test_load_test_reports_what_the_decoder_did_between_two_health_answers():
                          "uptime_s": 15.0}, "process_cpu_s": 39.0}
     assert load_test.decoder_during(before, after) == {
         "steps": 100, "sentences": 64, "joins": 8, "mean_batch_sentences": 20.0, "mean_join_sentences": 8.0,
-        "ms_per_step": pytest.approx(45.0), "busy_fraction": pytest.approx(0.9)}
+        "ms_per_step": pytest.approx(45.0), "busy_fraction": pytest.approx(0.9), "worker_sentences": None}
+    two = [{"sentences": 4}, {"sentences": 6}], [{"sentences": 40}, {"sentences": 34}]   # --workers 2
+    assert load_test.decoder_during({**before, "workers": two[0]}, {**after, "workers": two[1]}
+                                    )["worker_sentences"] == [36, 28]
     assert load_test.server_cpu_cores(before, after) == pytest.approx(1.8)   # 9 CPU seconds in 5 s
     assert load_test.decoder_during({}, after) is None      # a server without decoder totals
     assert load_test.server_cpu_cores({"decoder": before["decoder"]}, after) is None
