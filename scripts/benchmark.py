@@ -127,6 +127,7 @@ from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
 from seq2seq.files import InputError, read_lines
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import build_model
+from seq2seq.quantize import cpu_fields
 from seq2seq.token_cache import cached_dataset
 from seq2seq.tokenizer import PAD_ID, train_tokenizer
 from seq2seq.translate import SearchOptions, Translator
@@ -184,18 +185,11 @@ def short_error(e: BaseException) -> str:
 # ---- environment -------------------------------------------------------------------
 
 def cpu_info() -> tuple[str, list[str]]:
-    model, flags = platform.processor() or "unknown", []
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and model in ("unknown", "", platform.processor()):
-                model = value.strip()
-            elif key.strip() == "flags" and not flags:
-                flags = value.split()
-    except OSError:
-        pass
-    bf16 = sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
-    return model, bf16
+    """The CPU's model name and its bfloat16 / AMX flags."""
+    fields = cpu_fields() or {}
+    model = fields.get("model name") or platform.processor() or "unknown"
+    flags = fields.get("flags", "").split()
+    return model, sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
 
 
 def environment() -> dict:

@@ -176,14 +176,27 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
 
 
-def cpu_has_bfloat16() -> bool | None:
-    """Whether this CPU has any of the bfloat16 instructions in BF16_FLAGS; None where /proc/cpuinfo is unreadable."""
+def cpu_fields() -> dict[str, str] | None:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); None where unreadable."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return None
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), [])
-    return any(f in BF16_FLAGS for f in flags)
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break   # the end of the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
+
+
+def cpu_has_bfloat16() -> bool | None:
+    """Whether this CPU has any of the bfloat16 instructions in BF16_FLAGS; None where /proc/cpuinfo is unreadable."""
+    fields = cpu_fields()
+    if fields is None:
+        return None
+    return any(f in BF16_FLAGS for f in fields.get("flags", "").split())
 
 
 def for_precision(model: nn.Module, precision: str, device: str | torch.device = "cpu") -> nn.Module:

@@ -9,6 +9,7 @@ from torch import nn
 from seq2seq.ensemble import Ensemble
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import ModelConfig, Seq2Seq
+from seq2seq import quantize
 from seq2seq.quantize import Int8Linear, Int8LSTMCell, check_precision, for_precision, quantize_int8
 from seq2seq.translate import SearchOptions, Translator
 
@@ -157,3 +158,15 @@ def test_int8_results_do_not_depend_on_the_rest_of_the_batch(tiny_model):
         x = torch.rand(7, layer.in_features) * 2 - 1
         assert torch.equal(layer(x)[2:4], layer(x[2:4]))  # the int8 product itself: bit for bit
     assert torch.allclose(full[keep], alone, atol=1e-5)
+
+
+def test_cpu_flags_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatch):
+    cpuinfo = tmp_path / "cpuinfo"
+    monkeypatch.setattr(quantize, "Path", lambda _: cpuinfo)
+    assert quantize.cpu_fields() is None and quantize.cpu_has_bfloat16() is None   # unreadable: unknown
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
+    assert quantize.cpu_fields()["model name"] == "Some CPU"
+    assert quantize.cpu_has_bfloat16() is False
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
+    assert quantize.cpu_has_bfloat16() is True
