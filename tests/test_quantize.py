@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch import nn
 
+from seq2seq import quantize
 from seq2seq.ensemble import Ensemble
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import ModelConfig, Seq2Seq
-from seq2seq import quantize
 from seq2seq.quantize import Int8Linear, Int8LSTMCell, check_precision, for_precision, quantize_int8
 from seq2seq.translate import SearchOptions, Translator
 

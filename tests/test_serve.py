@@ -29,7 +29,7 @@ from seq2seq.batcher import Batcher, BatcherUnavailable
 from seq2seq.search import SearchOptions
 from seq2seq.serve import ServeSettings, create_app, main
 from seq2seq.translate import Translator
-from seq2seq.workers import FIELDS, StatsBoard
+from seq2seq.workers import StatsBoard
 
 from .conftest import console
 
@@ -524,18 +524,18 @@ def test_workers_share_the_port_answer_as_offline_and_health_sums_them(model_pat
     assert all(gone(pid) for pid in pids)
 
 
-def test_health_of_several_workers_is_503_while_any_of_their_decoders_is_stopped(model_path):
+def test_health_of_several_workers_is_503_while_any_of_their_decoders_is_stopped(model_path, translator):
     import multiprocessing
 
     board = StatsBoard(2, multiprocessing.get_context("spawn"))
-    with TestClient(create_app(model_path, LIMITS, board=(board, 0))) as c:
+    app = create_app(model_path, LIMITS, board=(board, 0))
+    with TestClient(app) as c:
         assert c.get("/health").json()["status"] == "ok"             # worker 1 not started yet: no verdict
-        n = len(FIELDS)
-        board.array[n:2 * n] = [0.0] * FIELDS.index("pid") + [4242.0, 0.0]   # worker 1: pid, decoder stopped
+        board.publish(1, Batcher(translator))                         # worker 1 up, its decoder not running
         r = c.get("/health")
         assert r.status_code == 503 and r.json()["status"] == "decoding worker stopped in worker 1"
         assert [w["decoding"] for w in r.json()["workers"]] == [True, False]
-        board.array[2 * n - 1] = 1.0                                  # its decoder runs again
+        board.publish(1, app.state.batcher)                           # a running decoder in that row
         assert c.get("/health").status_code == 200
 
 
