@@ -33,7 +33,9 @@ Output: a short table on stderr, and as the last line of stdout one JSON object:
     url, clients, beam_size, duration_s (asked), max_requests, sentences_file
     server             the server's limits and batching (/info "service")
     load               {requests, sentences, errors, errors_by_kind ({"HTTP 408": 3,
-                       "ReadTimeout": 1, ...}), seconds (wall time of the load phase),
+                       "ReadTimeout": 1, ...}), connections (TCP connections the clients
+                       opened: one each, more where the server closed some),
+                       seconds (wall time of the load phase),
                        sentences_per_s (answered sentences / seconds), latency_ms
                        {p50, p95, p99, mean, max} over answered requests, decoder
                        {steps, sentences, mean_batch_sentences, busy_fraction}: the
@@ -235,7 +237,15 @@ async def run_clients(url: str, sentences: list[str], clients: int, duration: fl
     sent = 0
     connector = aiohttp.TCPConnector(limit=clients)
     timeout = aiohttp.ClientTimeout(total=request_timeout)
-    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as http:
+    opened = 0   # TCP connections: one per client unless the server closes some (several workers rebalancing)
+
+    async def connection_opened(session, context, params) -> None:
+        nonlocal opened
+        opened += 1
+
+    tracing = aiohttp.TraceConfig()
+    tracing.on_connection_create_end.append(connection_opened)
+    async with aiohttp.ClientSession(url, connector=connector, timeout=timeout, trace_configs=[tracing]) as http:
         start = time.perf_counter()
         stop = start + duration
 
@@ -260,7 +270,7 @@ async def run_clients(url: str, sentences: list[str], clients: int, duration: fl
 
         await asyncio.gather(*(client() for _ in range(clients)))
         seconds = time.perf_counter() - start
-    return {"requests": sent, "latencies": latencies, "errors": errors, "seconds": seconds}
+    return {"requests": sent, "latencies": latencies, "errors": errors, "seconds": seconds, "connections": opened}
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -277,6 +287,7 @@ def summarise(load: dict) -> dict:
     answered = len(ms)   # one sentence per request
     return {
         "requests": load["requests"], "sentences": answered, "errors": sum(load["errors"].values()),
+        "connections": load.get("connections"),
         "errors_by_kind": dict(load["errors"]), "seconds": round(load["seconds"], 3),
         "sentences_per_s": answered / load["seconds"] if load["seconds"] > 0 else None,
         "latency_ms": {"p50": percentile(ms, 50), "p95": percentile(ms, 95), "p99": percentile(ms, 99),
@@ -294,7 +305,8 @@ def table(result: dict) -> str:
         ("load test", f"{result['url']}  {result['clients']} clients, beam {result['beam_size']}, "
                       f"{load['seconds']:.1f} s"),
         ("served", f"{load['requests']} requests, {load['sentences']} sentences answered, {load['errors']} errors"
-                   + (f" {load['errors_by_kind']}" if load["errors"] else "")),
+                   + (f" {load['errors_by_kind']}" if load["errors"] else "")
+                   + f", over {load.get('connections', 'n/a')} connections"),
         ("throughput", f"{_fmt(load['sentences_per_s'], 2)} sentences/s"),
         ("latency", f"p50 {_fmt(lat['p50'])} ms   p95 {_fmt(lat['p95'])} ms   p99 {_fmt(lat['p99'])} ms   "
                     f"max {_fmt(lat['max'])} ms"),

@@ -9,8 +9,9 @@
                       sentence_steps, mean_batch_sentences, busy_s, uptime_s}, "process_cpu_s":
                       CPU seconds of the whole service so far}; 503 if the decoding thread is gone.
                       With --workers N: the totals of all N processes, "decoder" also has
-                      "workers": N, "workers" lists each one's pid, sentences, steps and
-                      whether its decoding thread runs; 503 if any worker's has stopped
+                      "workers": N, "workers" lists each one's pid, sentences, steps,
+                      whether its decoding thread runs and its clients (connections heard
+                      from in the last 2 s); 503 if any worker's decoding thread has stopped
     GET  /info        the model card (`seq2seq.info.model_card`), its limits under "service"
     GET  /            a page to type into, with the first sentence's attention drawn
     GET  /openapi.json  the OpenAPI description; /docs shows it (Swagger UI, whose
@@ -60,7 +61,7 @@ from .info import model_card
 from .quantize import PRECISIONS
 from .search import NORMALISATIONS, SearchOptions
 from .translate import Translation, Translator
-from .workers import StatsBoard, WorkerSpec, check_workers_supported, default_threads, serve_workers
+from .workers import ConnectionBalancer, StatsBoard, WorkerSpec, check_workers_supported, default_threads, serve_workers
 
 log = logging.getLogger("seq2seq")
 
@@ -221,7 +222,8 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
     answer (else /info answers 404). The batcher's thread runs while the app's lifespan
     does (uvicorn, or `with TestClient(app)`). `board`: (the shared board, this worker's
     row) when this app is one of several worker processes (workers.py); /health then
-    answers for all of them.
+    answers for all of them, and a worker holding more than its share of the clients
+    closes a connection now and then (`ConnectionBalancer`).
     """
     settings = settings or ServeSettings()
     if isinstance(source, (str, Path)):
@@ -235,11 +237,12 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
                       max_wait_ms=settings.batch_wait_ms, join_group=settings.join_group,
                       join_wait_ms=settings.join_wait_ms)
     page = _page()
+    balancer = ConnectionBalancer(*board) if board else None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         batcher.start()
-        publishing = asyncio.create_task(board[0].keep_publishing(board[1], batcher)) if board else None
+        publishing = asyncio.create_task(board[0].keep_publishing(board[1], batcher, balancer)) if board else None
         try:
             yield
         finally:
@@ -251,7 +254,7 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
     app = FastAPI(title="seq2seq", version=__version__, lifespan=lifespan,
                   description="Translate sentences with an attention-LSTM checkpoint. "
                               "Concurrent requests are decoded together.")
-    app.state.batcher, app.state.settings = batcher, settings
+    app.state.batcher, app.state.settings, app.state.balancer = batcher, settings, balancer
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     @app.exception_handler(RequestValidationError)
@@ -279,7 +282,9 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         413: {"description": "too large: limit max_sentences, max_chars or max_body_bytes"},
         503: {"description": "the service is shutting down or its decoding worker stopped"},
         422: {"description": "invalid request, beam_size out of range (limit max_beam), or bad nbest"}})
-    async def translate(req: TranslateRequest):
+    async def translate(req: TranslateRequest, request: Request):
+        if balancer:
+            balancer.seen(request.client)
         if len(req.text) > settings.max_sentences:
             return _limit(413, "too many sentences", "max_sentences", settings.max_sentences)
         if any(len(s) > settings.max_chars for s in req.text):
@@ -312,7 +317,10 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
         elapsed_ms = (time.perf_counter() - start) * 1000
         # already in TranslateResponse's shape (the tests check it): answered as it is, without
         # FastAPI validating and re-encoding it through that model on every request
-        return JSONResponse(response_json(hyps, req.nbest, model_name, elapsed_ms, req.attention))
+        response = JSONResponse(response_json(hyps, req.nbest, model_name, elapsed_ms, req.attention))
+        if balancer and balancer.close(request.client):
+            response.headers["Connection"] = "close"   # this worker has more than its share of clients
+        return response
 
     @app.get("/health")
     async def health():
@@ -320,7 +328,7 @@ def create_app(source: Translator | str | Path, settings: ServeSettings | None =
             return JSONResponse({"status": "decoding worker stopped", "queued_sentences": batcher.pending},
                                 status_code=503)
         if board is not None:   # one of several worker processes: answer for all of them
-            board[0].publish(board[1], batcher)
+            board[0].publish(board[1], batcher, balancer.clients())
             answer = board[0].health(batcher)
             return answer if answer["status"] == "ok" else JSONResponse(answer, status_code=503)
         return {"status": "ok", "queued_sentences": batcher.pending, "decoder": batcher.stats.as_dict(),
@@ -450,6 +458,9 @@ def _serve(argv: Sequence[str] | None) -> int:
         spec = WorkerSpec(args.checkpoint, card, settings, args.device, args.max_source_len, args.precision,
                           args.host, args.port, args.threads or default_threads(args.workers), args.log_level,
                           args.graceful_timeout)
+        if args.device != "cpu":
+            log.warning("--workers %d --device %s: each worker loads its own copy of the model onto that device",
+                        args.workers, args.device)
         log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
         return serve_workers(spec, args.workers)
     if args.threads:

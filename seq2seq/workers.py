@@ -16,8 +16,15 @@ stops the service: the parent stops the others and exits 1, for a supervisor to 
 A worker whose parent is gone stops itself.
 
 `/health` answers for the whole service: every worker publishes its decoder totals, CPU
-time and queue length to a `StatsBoard` (shared memory, a few numbers per worker, every
-0.2 s and on each /health), and whichever worker answers sums them.
+time, queue length and clients to a `StatsBoard` (shared memory, a few numbers per worker,
+every 0.2 s and on each /health), and whichever worker answers sums them.
+
+The kernel picks a worker for each connection once, and clients keep their connections
+alive, so one worker may hold 18 of 32 clients and the other 14 for as long as they stay:
+the first decodes longer steps, the second idles between them (docs/RESULTS.md, "Two
+worker processes"). A `ConnectionBalancer` evens this out: a worker that holds more than
+its share of the service's clients answers one of them with `Connection: close`, at most
+every half second; the client reconnects, and the kernel hashes the new connection afresh.
 """
 
 from __future__ import annotations
@@ -39,7 +46,8 @@ from .files import InputError
 
 log = logging.getLogger("seq2seq")
 
-FIELDS = ("sentences", "steps", "sentence_steps", "busy_s", "joins", "cpu_s", "queued", "pid", "decoding")
+FIELDS = ("sentences", "steps", "sentence_steps", "busy_s", "joins", "cpu_s", "queued", "pid", "decoding",
+          "clients")
 PUBLISH_EVERY_S = 0.2
 
 
@@ -50,10 +58,10 @@ class StatsBoard:
         self.workers = workers
         self.array = (ctx or mp.get_context("spawn")).RawArray("d", workers * len(FIELDS))
 
-    def publish(self, index: int, batcher: Batcher) -> None:
+    def publish(self, index: int, batcher: Batcher, clients: int = 0) -> None:
         s = batcher.stats
         row = (s.sentences, s.steps, s.sentence_steps, s.busy_s, s.joins, time.process_time(),
-               batcher.pending, os.getpid(), float(batcher.alive))
+               batcher.pending, os.getpid(), float(batcher.alive), clients)
         start = index * len(FIELDS)
         self.array[start:start + len(FIELDS)] = row
 
@@ -77,13 +85,60 @@ class StatsBoard:
                 "decoder": {**totals.as_dict(), "workers": self.workers},
                 "process_cpu_s": round(sum(r["cpu_s"] for r in rows), 3),
                 "workers": [{"pid": int(r["pid"]), "sentences": int(r["sentences"]), "steps": int(r["steps"]),
-                             "queued_sentences": int(r["queued"]), "decoding": bool(r["decoding"])}
+                             "queued_sentences": int(r["queued"]), "decoding": bool(r["decoding"]),
+                             "clients": int(r["clients"])}
                             for r in rows]}
 
-    async def keep_publishing(self, index: int, batcher: Batcher) -> None:
+    async def keep_publishing(self, index: int, batcher: Batcher, balancer: ConnectionBalancer) -> None:
         while True:
-            self.publish(index, batcher)
+            self.publish(index, batcher, balancer.clients())
             await asyncio.sleep(PUBLISH_EVERY_S)
+
+
+class ConnectionBalancer:
+    """One worker's side of spreading kept-alive connections evenly over the workers.
+
+    A worker counts its clients: the distinct peer addresses (host, port: one per
+    connection) that sent it a request within the last `window_s` seconds. After answering
+    a request it asks `close(peer)`: True when this worker holds more clients than its fair
+    share of the service's total (the other workers' counts read from the board, up to
+    PUBLISH_EVERY_S old), rounded up, and it has not closed a connection for `gap_s`
+    seconds. The caller then answers with `Connection: close`; the client's next
+    connection may land on any worker. Rounding the share up leaves a difference of one
+    alone, so balanced workers close nothing.
+    """
+
+    def __init__(self, board: StatsBoard, index: int, window_s: float = 2.0, gap_s: float = 0.5,
+                 clock=time.monotonic):
+        self.board, self.index = board, index
+        self.window_s, self.gap_s, self.clock = window_s, gap_s, clock
+        self.last_seen: dict[tuple, float] = {}
+        self.last_close = -float("inf")
+        self.closed = 0
+
+    def seen(self, peer: tuple | None) -> None:
+        """A request arrived from `peer` (Starlette's request.client; None when unknown)."""
+        if peer is not None:
+            self.last_seen[tuple(peer)] = self.clock()
+
+    def clients(self) -> int:
+        cutoff = self.clock() - self.window_s
+        for peer in [p for p, t in self.last_seen.items() if t < cutoff]:
+            del self.last_seen[peer]
+        return len(self.last_seen)
+
+    def close(self, peer: tuple | None) -> bool:
+        if peer is None or self.clock() - self.last_close < self.gap_s:
+            return False
+        mine = self.clients()
+        others = sum(int(r["clients"]) for i, r in enumerate(self.board.rows()) if i != self.index)
+        fair = -(-(mine + others) // self.board.workers)
+        if mine <= fair:
+            return False
+        self.last_seen.pop(tuple(peer), None)
+        self.last_close = self.clock()
+        self.closed += 1
+        return True
 
 
 def reuseport_socket(host: str, port: int) -> socket.socket:

@@ -19,17 +19,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from seq2seq.batcher import Batcher, BatcherUnavailable
+from seq2seq.batcher import Batcher, BatcherUnavailable, DecoderStats
 from seq2seq.search import SearchOptions
 from seq2seq.serve import ServeSettings, create_app, main
 from seq2seq.translate import Translator
-from seq2seq.workers import StatsBoard
+from seq2seq.workers import ConnectionBalancer, StatsBoard
 
 from .conftest import console
 
@@ -539,6 +540,100 @@ def test_health_of_several_workers_is_503_while_any_of_their_decoders_is_stopped
         assert c.get("/health").status_code == 200
 
 
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_worker_over_its_share_of_clients_closes_one_connection_per_gap():
+    import multiprocessing
+
+    board, clock = StatsBoard(2, multiprocessing.get_context("spawn")), Clock()
+    balancer = ConnectionBalancer(board, 0, window_s=2.0, gap_s=0.5, clock=clock)
+    other = SimpleNamespace(stats=DecoderStats(), pending=0, alive=True)   # worker 1's batcher, as published
+    board.publish(1, other, clients=15)             # the other worker holds 15 clients
+    for port in range(17):
+        balancer.seen(("127.0.0.1", port))
+    assert balancer.clients() == 17
+    assert balancer.close(("127.0.0.1", 3))                       # 17 of 32: one over the fair 16
+    assert balancer.clients() == 16 and balancer.closed == 1      # the closed one no longer counts
+    balancer.seen(("127.0.0.1", 100))                             # it came back to this worker
+    assert not balancer.close(("127.0.0.1", 4))                   # within the gap: nothing more
+    clock.now += 0.5
+    assert balancer.close(("127.0.0.1", 4))                       # after it: the next one goes
+    assert not balancer.close(None)                               # an unknown peer is never closed
+    board.publish(1, other, clients=16)
+    clock.now += 0.5
+    assert balancer.clients() == 16 and not balancer.close(("127.0.0.1", 5))   # 16 and 16: balanced
+    board.publish(1, other, clients=15)
+    clock.now += 0.5
+    assert not balancer.close(("127.0.0.1", 5))                   # 16 and 15: a difference of one stays
+    clock.now += 1.6                                              # 2.1 s since the first requests
+    balancer.seen(("127.0.0.1", 7))
+    assert balancer.clients() == 1                                # the quiet ones have left the count
+
+
+def test_the_worker_with_more_clients_answers_with_connection_close(model_path, translator):
+    import multiprocessing
+
+    board = StatsBoard(2, multiprocessing.get_context("spawn"))
+    app = create_app(model_path, LIMITS, board=(board, 0))
+    app.state.balancer.gap_s = 3600.0                             # one close in this test, not timing-dependent
+    with TestClient(app, client=("127.0.0.1", 40001)) as first:
+        second = TestClient(app, client=("127.0.0.1", 40002))     # a second connection, same service
+        r = first.post("/translate", json={"text": ["a b"]})
+        assert r.status_code == 200 and "close" not in r.headers.get("connection", "")   # 1 client of 1
+        r = second.post("/translate", json={"text": ["a b"]})
+        assert r.status_code == 200 and r.headers["connection"] == "close"   # 2 here, 0 there: go elsewhere
+        health = first.get("/health").json()
+        assert [w["clients"] for w in health["workers"]] == [1, 0]
+        r = second.post("/translate", json={"text": ["a b"]})
+        assert "close" not in r.headers.get("connection", "")     # the gap holds the next one back
+    solo = create_app(translator, LIMITS)                         # one process: nothing to balance
+    with TestClient(solo) as c:
+        assert solo.state.balancer is None
+        assert "close" not in c.post("/translate", json={"text": ["a b"]}).headers.get("connection", "")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT")
+def test_kept_alive_clients_end_up_spread_evenly_over_two_workers(model_path):
+    # warnings only: an access log line per request would fill the unread pipe and stall the workers
+    with running_server(model_path, "--workers", "2", "--threads", "1", "--log-level", "warning") as (proc, url):
+        both_up(url)
+
+        def spread() -> list[int]:
+            return sorted(w["clients"] for w in httpx.get(f"{url}/health").json()["workers"])
+
+        # The kernel alone leaves 8 new connections at 4 and 4 in 70 of 256 cases; two rounds
+        # of fresh clients, each of which must end at 4 and 4, pass without the balancer in 7%.
+        for _ in range(2):
+            stop, answers = threading.Event(), []
+
+            def client() -> None:   # one kept-alive connection at a time, as a browser or a pool keeps it
+                with httpx.Client(base_url=url, timeout=60) as http:
+                    while not stop.is_set():
+                        r = http.post("/translate", json={"text": ["a b c"], "beam_size": 2})
+                        assert r.status_code == 200
+                        answers.append(r.headers.get("connection"))
+
+            with ThreadPoolExecutor(8) as pool:
+                running = [pool.submit(client) for _ in range(8)]
+                try:
+                    wait_for(lambda: spread() == [4, 4] and len(answers) > 50, timeout=60, what="4 clients each")
+                    time.sleep(1.0)
+                    assert spread() == [4, 4]                      # and it stays there
+                finally:
+                    stop.set()
+                for f in running:
+                    f.result(timeout=60)
+            wait_for(lambda: spread() == [0, 0], timeout=10, what="the clients leaving the count")
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0, proc.stdout.read().decode()[-3000:]
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT")
 def test_a_worker_that_dies_stops_the_service_with_exit_1(model_path):
     with running_server(model_path, "--workers", "2", "--threads", "1") as (proc, url):
@@ -558,6 +653,16 @@ def test_workers_on_a_port_another_program_holds_is_one_line_and_exit_code_2(mod
         port = taken.getsockname()[1]
         assert main(["--checkpoint", str(model_path), "--workers", "2", "--port", str(port)]) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot serve on 127.0.0.1:{port}: [Errno 98]")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT")
+def test_workers_on_an_accelerator_warn_of_one_model_copy_each(model_path, caplog):
+    with socket.socket() as taken:   # the port is taken: it stops there, after the warning, before any worker
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        flags = ["--workers", "3", "--device", "cuda:1", "--port", str(taken.getsockname()[1])]
+        assert main(["--checkpoint", str(model_path), *flags]) == 2
+    assert "--workers 3 --device cuda:1: each worker loads its own copy of the model onto that device" in caplog.text
 
 
 def test_load_test_refuses_a_non_loopback_server():
@@ -603,6 +708,7 @@ def test_the_load_test_against_a_real_server_answers_every_request(model_path, s
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     load = result["load"]
     assert (load["requests"], load["sentences"], load["errors"]) == (12, 12, 0), load
+    assert load["connections"] == 3                        # kept alive: one per client
     assert load["decoder"]["sentences"] == 12 and load["server_cpu_cores"] > 0
     off = result["offline"]
     assert off["sentences"] == 6 and result["served_over_offline"] > 0
