@@ -3,8 +3,9 @@
 Data path
 ---------
 ``prepare(name, out_dir, source=...)`` reads a corpus in its published format from a
-local folder (``--from``) or, where a stable public URL exists, downloads it first into
-``OUT_DIR/download/`` (``--download``). It writes ``OUT_DIR/<split>.<lang>``: UTF-8, one
+local folder (``--from``) or downloads the public original first into
+``OUT_DIR/download/`` (``--download``; for the IWSLT sets a pinned public mirror, each file
+checked against its SHA-256). It writes ``OUT_DIR/<split>.<lang>``: UTF-8, one
 sentence per line, line i of every language file of a split aligned. A summary (pairs
 read / kept / dropped per reason, lines fixed per fix type) goes to stderr through
 ``logging`` and to ``OUT_DIR/prepare.json``.
@@ -89,6 +90,31 @@ TATOEBA_FILE = "deu.txt"
 TATOEBA_SEED = 20180513
 TATOEBA_HELDOUT_PAIRS = 2000
 
+# The IWSLT 2016 release's own host is gone; torchtext's users fall back on a public GitHub
+# re-upload of the de-en archive. Pinned to one commit, and every file checked against its
+# SHA-256, so a changed mirror is an error rather than a silently different test set.
+IWSLT_URL = ("https://raw.githubusercontent.com/maroxtn/IWSLT-BACKUP/"
+             "73a09324ed3cb15d60f489b322ea9df4b431ea43/iwslt/de-en/{name}")
+IWSLT_SHA256 = {
+    "IWSLT16.TED.dev2010.de-en.de": "9f2c2a4487cd329d22cb440f303920e1d368cf04c4c6e974b56149548991f6ea",
+    "IWSLT16.TED.tst2010.de-en.de": "3ed4c594f00ec3052b58325218142db800e671cc5d14331254e41ebfe42d56d8",
+    "IWSLT16.TED.tst2011.de-en.de": "605877ad3a8c612344f6544c77a2cbcae0ab8f73dc9dca9c041a04e2703e2bab",
+    "IWSLT16.TED.tst2012.de-en.de": "9f81bb3ca9e15c40c3af665d582b0aaf8a447d01d54cb02db2eda06a5b4d1ad6",
+    "IWSLT16.TED.tst2013.de-en.de": "60fa902b0bf558ff58cf38de1dc6941de706e9f58e33e92119eb64696df4bbcc",
+    "IWSLT16.TED.tst2014.de-en.de": "66aa2e5c16a1c0e04b6c58e263e448edb6992f639736b57daf5c26733140c928",
+    "IWSLT16.TEDX.dev2012.de-en.de": "5aac685d776bf1bfbd6a7694923e66b9fb3ccbb9575d5cba2468ca661510144b",
+    "IWSLT16.TEDX.tst2013.de-en.de": "3ad948be62b7d3e76234f078e9a113b72a556c3613b385a79c5bd24fa530fab6",
+    "IWSLT16.TEDX.tst2014.de-en.de": "24388aeba244b8e5643d15156234a708deb58b0d4d5de738f1f5543627cf00c6",
+    "IWSLT16.TED.dev2010.de-en.en": "56989441a1a503e0718a592b31a152b944bfd707d1ee1f9305de8caf88ce9e60",
+    "IWSLT16.TED.tst2010.de-en.en": "f60a0923afe861dff8be62986c4a239bfd09eee3183ad9d17af1b6d363d0ddae",
+    "IWSLT16.TED.tst2011.de-en.en": "84e1e460256adfd142e9c7faf9c036d98ead475218b59784069ec3790ea16444",
+    "IWSLT16.TED.tst2012.de-en.en": "1e5b82072b5947a188c669a18ee7d15cac38a75e5c2d2d9ac75efe3e911cc4b3",
+    "IWSLT16.TED.tst2013.de-en.en": "9fc2d5df75a05754427a5dcea1b3cc2456e8613c878527e56713978a13bf672e",
+    "IWSLT16.TED.tst2014.de-en.en": "e82bfa58d4a170573826999a4852c496162a229f405eb488b3d6d385dbabcbaa",
+    "IWSLT16.TEDX.dev2012.de-en.en": "2cec1ad8e057ddeaf4028d0d8dd146bedb865e535ed3b1584ac5b1bcada6a9b8",
+    "IWSLT16.TEDX.tst2013.de-en.en": "d00a11ec660025647227a612a4e4e738418437bcb5d2e2edcb131273f06b3d7f",
+    "IWSLT16.TEDX.tst2014.de-en.en": "051be709c7ba1ccd521f7949af334022c12616fdd90eee29d49405ecf928862a",
+}
 IWSLT_FILE_RE = re.compile(r"^IWSLT16\.(TEDX?)\.((?:dev|tst)\d{4})\.de-en\.(de|en)(\.xml)?$")
 _XML_SEG_RE = re.compile(r"<seg[^>]*>(.*)</seg>")
 _WHITESPACE_RUN = re.compile(r"\s+")
@@ -360,11 +386,26 @@ def fetch_tatoeba(cache: Path) -> Path:
 
 
 def fetch_iwslt(cache: Path) -> Path:
-    raise CorpusError(
-        "iwslt-ted-de-en cannot be downloaded: there is no reliable public mirror of the "
-        "IWSLT 2016 de-en release. Get the release yourself (the de-en archive used by "
-        "torchtext's IWSLT2016 dataset), extract it, and pass the folder holding "
-        "IWSLT16.TED.tst2010.de-en.de(.xml) and the other dev/test files with --from.")
+    for name, digest in IWSLT_SHA256.items():
+        target = cache / name
+        if target.is_file() and sha256_of(target) == digest:
+            continue
+        target.unlink(missing_ok=True)  # a cached file that fails the check is fetched again
+        download_file(IWSLT_URL.format(name=name), target)
+        found = sha256_of(target)
+        if found != digest:
+            target.unlink()
+            raise CorpusError(f"Download of {IWSLT_URL.format(name=name)} has SHA-256 {found}, expected {digest}: "
+                              "the mirror changed; get the IWSLT 2016 de-en release elsewhere and use --from")
+    return cache
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- writing

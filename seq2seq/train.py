@@ -34,7 +34,7 @@ from .datamodule import TranslationDataModule
 from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
 from .model import ModelConfig
-from .module import TranslationModule
+from .module import SCHEDULERS, TranslationModule
 from .quantize import BF16_FLAGS, cpu_has_bfloat16
 from .throughput import TokensPerSecond
 from .tokenizer import Tokenizer, train_tokenizer
@@ -96,6 +96,12 @@ def check_config(cfg: DictConfig) -> ModelConfig:
         raise InputError(f"train.ema_decay must be in [0, 1) (0 = off, e.g. 0.999), got {decay}")
     if ema_start < 0:
         raise InputError(f"train.ema_start_step must be >= 0, got {ema_start}")
+    if cfg.optim.scheduler not in SCHEDULERS:
+        raise InputError(f"Unknown optim.scheduler {cfg.optim.scheduler!r}; choose one of: {', '.join(SCHEDULERS)}")
+    if not float(cfg.optim.lr) > 0:
+        raise InputError(f"optim.lr must be > 0, got {cfg.optim.lr}")
+    if not 0 <= float(cfg.optim.label_smoothing) < 1:
+        raise InputError(f"optim.label_smoothing must be in [0, 1), got {cfg.optim.label_smoothing}")
     fraction = float(cfg.optim.anneal_fraction)
     if not 0 < fraction <= 1:
         raise InputError(f"optim.anneal_fraction must be in (0, 1], got {fraction}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import random
 import zipfile
@@ -236,9 +237,42 @@ def test_iwslt_keeps_every_line(tmp_path: Path) -> None:
         prepare("iwslt-ted-de-en", out, source=src)
 
 
-def test_iwslt_download_explains_from(tmp_path: Path) -> None:
-    with pytest.raises(CorpusError, match="--from"):
-        prepare("iwslt-ted-de-en", tmp_path, download=True)
+def fake_iwslt_mirror(monkeypatch, served: dict[str, bytes]) -> list[str]:
+    """Serve `served` (file name -> bytes) in place of the IWSLT mirror; returns the URLs asked for."""
+    calls = []
+
+    def fake_download(url: str, dest: Path, timeout: float = 1.0) -> Path:
+        calls.append(url)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(served[url.rsplit("/", 1)[1]])
+        return dest
+
+    monkeypatch.setattr(corpora, "download_file", fake_download)
+    return calls
+
+
+def test_iwslt_download_fetches_every_set_and_checks_it(tmp_path: Path, monkeypatch) -> None:
+    served = {name: ("\n".join(synthetic(name.rsplit(".", 1)[1], 3, name)) + "\n").encode()
+              for name in corpora.IWSLT_SHA256}
+    monkeypatch.setattr(corpora, "IWSLT_SHA256",
+                        {name: hashlib.sha256(data).hexdigest() for name, data in served.items()})
+    calls = fake_iwslt_mirror(monkeypatch, served)
+    summary = prepare("iwslt-ted-de-en", tmp_path / "out", download=True)
+    assert len(calls) == 18 and all(url.startswith("https://raw.githubusercontent.com/") for url in calls)
+    assert len(summary["splits"]) == 9 and summary["splits"]["tedx.tst2014"]["kept"] == 3
+    # the download folder is a cache: files that pass the check are not fetched again
+    calls.clear()
+    prepare("iwslt-ted-de-en", tmp_path / "out", download=True)
+    assert calls == []
+
+
+def test_iwslt_download_refuses_a_changed_mirror(tmp_path: Path, monkeypatch) -> None:
+    served = {name: b"not the release\n" for name in corpora.IWSLT_SHA256}
+    fake_iwslt_mirror(monkeypatch, served)
+    with pytest.raises(CorpusError, match=r"IWSLT16\.TED\.dev2010\.de-en\.de has SHA-256 [0-9a-f]{64}, expected 9f2c2a"):
+        prepare("iwslt-ted-de-en", tmp_path / "out", download=True)
+    assert not (tmp_path / "out" / "download" / "IWSLT16.TED.dev2010.de-en.de").exists()
+    assert not (tmp_path / "out" / "ted.dev2010.de").exists()
 
 
 # --------------------------------------------------------------------------- download

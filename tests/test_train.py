@@ -41,6 +41,8 @@ def test_run_directory_holds_everything(toy_run):
     ("model.attention=luong_dott", "choose one of: bahdanau, dot, general"),
     ("model.bridge=magic", "choose one of: dense, zeros"),
     ("optim.scheduler=cosine", "choose one of: plateau, anneal, none"),
+    ("optim.lr=0", "optim.lr must be > 0, got 0"),
+    ("optim.label_smoothing=1.0", "optim.label_smoothing must be in [0, 1), got 1.0"),
     ("optim.anneal_fraction=0", "optim.anneal_fraction must be in (0, 1], got 0.0"),
     ("evaluate.average_last=4", "set train.keep_last_epochs >= 4 (it is 0)"),
     ("evaluate.alphas=[]", "evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty"),
@@ -51,10 +53,15 @@ def test_run_directory_holds_everything(toy_run):
     ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1) (0 = off, e.g. 0.999), got 1.0"),
 ])
 def test_config_mistakes_fail_before_any_work(override, expected, tmp_path):
+    # an earlier run's outputs in the same directory: a refused config must leave them alone
+    earlier = tmp_path / "run" / "model.best.pt"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"earlier run")
     proc = run_cli(["seq2seq-train", "experiment=toy", override, f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
     assert proc.returncode != 0
     assert expected in proc.stderr.decode()
     assert not (tmp_path / "run" / "checkpoints").exists()
+    assert earlier.read_bytes() == b"earlier run"
 
 
 def test_bfloat16_training_on_a_cpu_without_bfloat16_is_refused_up_front(monkeypatch):
