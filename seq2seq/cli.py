@@ -25,10 +25,11 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .average import average, latest_checkpoints
 from .checkpoint import CheckpointError
-from .files import InputError, atomic_write, decode_lines, read_lines
+from .files import InputError, atomic_write, check_output_path, decode_lines, read_lines
 from .info import format_card, model_card
 from .metrics import corpus_scores
 from .quantize import PRECISIONS, check_precision
+from .tokenizer import valid_text
 from .translate import ForcedScore, SearchOptions, Translation, Translator
 from .tune import ALPHAS, choose_alpha, store_decoding
 
@@ -86,6 +87,8 @@ def _search_options(args: argparse.Namespace, default_beam: int, nbest: int = 1)
         raise InputError(f"--beam-size must be >= 1, got {args.beam_size}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.max_source_len < 1:
+        raise InputError(f"--max-source-len must be >= 1, got {args.max_source_len}")
     check_precision_flags(args.precision, args.device)
     if not 1 <= nbest <= args.beam_size:
         raise InputError(f"--nbest must be between 1 and --beam-size ({args.beam_size}), got {nbest}")
@@ -155,13 +158,22 @@ def _input_lines(args: argparse.Namespace) -> Iterator[str]:
     if args.sentences:
         if args.input:
             raise InputError("give sentences as arguments or --input, not both")
+        for number, sentence in enumerate(args.sentences, start=1):
+            if valid_text(sentence) != sentence:
+                log.warning("argument %d: invalid UTF-8, bad bytes replaced by U+FFFD", number)
         yield from args.sentences
         return
     if args.input:
         path = Path(args.input)
-        if not path.is_file():
+        if not path.exists():   # not is_file(): a pipe (--input <(zcat f.gz), /dev/stdin) is welcome
             raise InputError(f"input file not found: {path}")
-        with open(path, "rb") as f:
+        if path.is_dir():
+            raise InputError(f"--input expects a file, got a directory: {path}")
+        try:
+            f = open(path, "rb")
+        except PermissionError:
+            raise InputError(f"cannot read {path}: permission denied") from None
+        with f:
             yield from decode_lines(f, str(path))
     else:
         yield from decode_lines(sys.stdin.buffer, "<stdin>")
@@ -184,6 +196,7 @@ def _output(path: str | None) -> Iterator[IO[str]]:
     if path is None:
         yield sys.stdout
     else:
+        check_output_path(path)
         with atomic_write(path) as f:
             yield f
 
@@ -342,7 +355,11 @@ def _evaluate(argv: Sequence[str] | None) -> int:
     args = evaluate_parser().parse_args(argv)
     _setup_logging(args.quiet)
     refs = read_lines(args.reference)
+    if not refs:
+        raise InputError(f"{args.reference} is empty: nothing to score")
     options = _search_options(args, 5)
+    if args.output:
+        check_output_path(args.output)
     if args.hypothesis:
         hyps, hyp_name = read_lines(args.hypothesis), args.hypothesis
     else:
@@ -491,6 +508,8 @@ def _tune(argv: Sequence[str] | None) -> int:
     sources, refs = read_lines(args.source), read_lines(args.reference)
     if len(sources) != len(refs):
         raise InputError(f"{args.source} has {len(sources)} lines but {args.reference} has {len(refs)}")
+    if not refs:
+        raise InputError(f"{args.reference} is empty: nothing to choose the length penalty on")
     translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
     choice = choose_alpha(translator, sources, refs, beam_size=args.beam_size, alphas=alphas,
                           batch_size=args.batch_size, data=args.source)

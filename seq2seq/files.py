@@ -21,7 +21,8 @@ def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
     """UTF-8 lines without their newline; invalid bytes become U+FFFD with a warning.
 
     A translation tool must not stop at one bad byte in line 9,000 of a user file,
-    nor silently change it: the warning names the file and the line.
+    nor silently change it: the warning names the file and the line. A byte-order mark
+    at the start of the file (as some Windows editors write) is dropped: it is not text.
     """
     for number, raw in enumerate(raw_lines, start=1):
         try:
@@ -29,6 +30,8 @@ def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
         except UnicodeDecodeError:
             line = raw.decode("utf-8", errors="replace")
             log.warning("%s:%d: invalid UTF-8, bad bytes replaced by U+FFFD", name, number)
+        if number == 1:
+            line = line.removeprefix("\ufeff")
         yield line.rstrip("\r\n")
 
 
@@ -42,6 +45,21 @@ def read_lines(path: str | Path) -> list[str]:
         raise InputError(f"file not found: {path}") from None
     except IsADirectoryError:
         raise InputError(f"expected a file, got a directory: {path}") from None
+    except PermissionError:
+        raise InputError(f"cannot read {path}: permission denied") from None
+
+
+def check_output_path(path: str | Path, flag: str = "--output") -> None:
+    """Fail before any work if `path` cannot be written: a directory, or a folder we cannot create."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{flag} {path} is a directory; give a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"{flag} {path}: cannot create its folder ({e.strerror})") from None
+    if not os.access(path.parent, os.W_OK):
+        raise InputError(f"{flag} {path}: its folder {path.parent} is not writable")
 
 
 def _umask() -> int:

@@ -36,6 +36,8 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str], *, lower
         raise ValueError(
             f"cannot score: {hyp_name} has {len(hypotheses)} lines but {ref_name} has {len(references)}"
         )
+    if not references:
+        raise ValueError(f"cannot score: {ref_name} has no lines")
     bleu = BLEU(lowercase=lowercase)
     chrf = CHRF()
     b = bleu.corpus_score(list(hypotheses), [list(references)])

@@ -124,8 +124,9 @@ class TranslationModule(L.LightningModule):
         limits = max_lengths(batch.src_len, self.hparams.val_max_len_a, self.hparams.val_max_len_b, 512)
         hyps = greedy_search(self.model, batch.src, batch.src_len, limits)
         texts = self.tgt_tokenizer.decode([h[0].tokens for h in hyps])
-        for i, text in zip(batch.index.tolist(), texts):
-            self._val_hyps[i] = text
+        for i, text, n in zip(batch.index.tolist(), texts, batch.src_len.tolist()):
+            # a blank source (EOS alone) gets a blank output, as seq2seq-translate gives it
+            self._val_hyps[i] = text if n > 1 else ""
 
     def on_validation_epoch_end(self) -> None:
         loss_sum, n_tokens = self._val_loss

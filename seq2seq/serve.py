@@ -445,7 +445,8 @@ def _serve(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s: %(message)s")
     if not 0 <= args.port <= 65535:
         raise InputError(f"--port must be in 0..65535, got {args.port}")
-    for flag, value in (("--workers", args.workers), ("--threads", args.threads)):
+    for flag, value in (("--workers", args.workers), ("--threads", args.threads),
+                        ("--max-source-len", args.max_source_len)):
         if value is not None and value < 1:
             raise InputError(f"{flag} must be >= 1, got {value}")
     settings = _settings(args)

@@ -12,12 +12,22 @@ from __future__ import annotations
 import io
 import logging
 import random
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
 
 log = logging.getLogger(__name__)
+
+# Lone UTF-16 surrogates are not text: JSON's "\ud800" and Python's reading of invalid UTF-8 in
+# command-line arguments (surrogateescape) produce them, and SentencePiece cannot encode them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def valid_text(line: str) -> str:
+    """`line` with each lone surrogate replaced by U+FFFD, as invalid UTF-8 in files is."""
+    return _SURROGATE.sub("\ufffd", line) if not line.isascii() else line
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -56,9 +66,10 @@ class Tokenizer:
 
     def encode(self, lines: Sequence[str]) -> list[list[int]]:
         """Subword ids of each line, without BOS/EOS."""
+        lines = [valid_text(line) for line in lines]
         if len(lines) < THREADED_ENCODE_FROM:   # a service's few sentences: no thread pool
             return [self.sp.encode(line, out_type=int) for line in lines]
-        return self.sp.encode(list(lines), out_type=int)
+        return self.sp.encode(lines, out_type=int)
 
     def encode_sampled(self, line: str, alpha: float, nbest: int = -1) -> list[int]:
         """One random segmentation of `line` (subword regularization; SentencePiece draws it).

@@ -60,6 +60,27 @@ def split_paths(cfg: DictConfig, split: str) -> tuple[Path, Path]:
     return d / f"{cfg.data[split]}.{cfg.data.src_lang}", d / f"{cfg.data[split]}.{cfg.data.tgt_lang}"
 
 
+def check_test_split(cfg: DictConfig) -> None:
+    """The test split is scored after training: a broken one must fail now, not hours later."""
+    if not cfg.data.get("test"):
+        return
+    paths = split_paths(cfg, "test")
+    present = [p for p in paths if p.is_file()]
+    if len(present) == 1:
+        missing = next(p for p in paths if not p.is_file())
+        raise InputError(f"test split: {present[0]} exists but {missing} does not (give both, or set data.test=null)")
+    if present:
+        counts = []
+        for p in paths:
+            with open(p, "rb") as f:
+                counts.append(sum(1 for _ in f))
+        if counts[0] != counts[1]:
+            raise InputError(f"test files differ in length: {paths[0]} has {counts[0]} lines, "
+                             f"{paths[1]} has {counts[1]}")
+        if counts[0] == 0:
+            raise InputError(f"test split is empty: {paths[0]} and {paths[1]} have no lines")
+
+
 def check_config(cfg: DictConfig) -> ModelConfig:
     """Fail on bad settings and missing files before any work starts."""
     model_config = ModelConfig.from_dict({**OmegaConf.to_container(cfg.model, resolve=True),
@@ -71,6 +92,7 @@ def check_config(cfg: DictConfig) -> ModelConfig:
         for p in split_paths(cfg, split):
             if not p.is_file():
                 raise InputError(f"{split} file not found: {p} (prepare the data first, or set data.dir)")
+    check_test_split(cfg)
     if "TensorBoardLogger" in str(cfg.logger.get("_target_", "")):
         if importlib.util.find_spec("tensorboard") is None:
             raise InputError("logger=tensorboard needs the tensorboard package: "

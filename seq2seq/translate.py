@@ -72,6 +72,8 @@ class Translator:
         self.model = for_precision(model.to(self.device).eval(), precision, self.device)
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.info = info or {}
+        if max_source_len < 1:
+            raise ValueError(f"max_source_len must be >= 1, got {max_source_len}")
         self.max_source_len = max_source_len
         # the length penalty chosen on validation for this model (tune.py), used where
         # options leave alpha None; an ensemble was never tuned as a whole: no penalty

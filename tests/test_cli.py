@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 
@@ -89,3 +90,37 @@ def test_missing_files_exit_2_without_traceback(toy, flag, tmp_path):
 def test_bad_flag_values_are_refused(toy):
     proc = run_cli(["seq2seq-translate", "-c", toy["model"], "--beam-size", "2", "--nbest", "3", "x"])
     assert proc.returncode == 2 and b"--nbest must be between 1 and --beam-size (2)" in proc.stderr
+
+
+def test_more_bad_input_is_one_line_and_exit_code_2(toy, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    cases = [
+        (["seq2seq-evaluate", "--hypothesis", str(empty), "--reference", str(empty)], f"{empty} is empty"),
+        (["seq2seq-translate", "-c", toy["model"], "--output", str(tmp_path), "x"], "is a directory"),
+        (["seq2seq-translate", "-c", toy["model"], "--input", str(tmp_path)], "expects a file, got a directory"),
+        (["seq2seq-translate", "-c", toy["model"], "--max-source-len", "0", "x"], "--max-source-len must be >= 1"),
+    ]
+    for args, expected in cases:
+        proc = run_cli(args)
+        assert proc.returncode == 2 and b"Traceback" not in proc.stderr, (args, proc.stderr.decode()[-2000:])
+        assert expected in proc.stderr.decode(), args
+
+
+def test_invalid_utf8_arguments_a_byte_order_mark_and_a_pipe_as_input(toy, tmp_path):
+    line = toy["lines"][0]
+    plain = run_cli(["seq2seq-translate", "-c", toy["model"], "--quiet"], stdin=(line + "\n").encode())
+    assert plain.returncode == 0
+    # an argument with a byte that is not UTF-8: translated as U+FFFD, with a warning, no traceback
+    bad = run_cli(["seq2seq-translate", "-c", toy["model"], os.fsdecode(line.encode() + b" \xff")])
+    assert bad.returncode == 0 and len(bad.stdout.decode().splitlines()) == 1, bad.stderr.decode()[-2000:]
+    assert b"argument 1: invalid UTF-8" in bad.stderr
+    # a file that opens with a byte-order mark translates as the same file without it
+    bom = tmp_path / "bom.txt"
+    bom.write_bytes(b"\xef\xbb\xbf" + (line + "\n").encode())
+    with_bom = run_cli(["seq2seq-translate", "-c", toy["model"], "--quiet", "--input", str(bom)])
+    assert with_bom.stdout == plain.stdout
+    # --input may be a pipe, not only a regular file
+    piped = run_cli(["seq2seq-translate", "-c", toy["model"], "--quiet", "--input", "/dev/stdin"],
+                    stdin=(line + "\n").encode())
+    assert piped.returncode == 0 and piped.stdout == plain.stdout, piped.stderr.decode()[-2000:]

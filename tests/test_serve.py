@@ -78,6 +78,15 @@ def test_translations_equal_the_offline_translator_with_blanks_kept_in_place(cli
     assert body["model"] == "model.pt" and body["elapsed_ms"] > 0 and body["attention"] is None
 
 
+def test_a_lone_surrogate_is_translated_as_the_replacement_character_not_a_500(client, translator, sentences):
+    # valid JSON, not valid text: it must neither fail the request nor the others decoded with it
+    body = '{"text": ["\\ud800 ' + sentences[0] + '", "' + sentences[1] + '"], "beam_size": 5}'
+    r = client.post("/translate", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 200, r.text
+    expected = offline(translator, ["\ufffd " + sentences[0], sentences[1]], beam_size=5)
+    assert r.json()["translations"] == [h[0].text for h in expected]
+
+
 def test_int8_service_equals_the_offline_int8_translator(model_path, sentences):
     """int8 quantizes with fixed scales: batching with other requests changes nothing."""
     offline_int8 = Translator.from_checkpoint(model_path, precision="int8")

@@ -161,6 +161,28 @@ def test_nan_loss_stops_training_naming_the_step(toy_data):
         module.training_step(batch, 0)
 
 
+def test_validation_gives_a_blank_source_a_blank_output_as_translate_does(toy_data):
+    import numpy as np
+    import torch
+
+    from seq2seq.data import collate
+    from seq2seq.module import TranslationModule
+    from seq2seq.tokenizer import train_tokenizer
+
+    tok = train_tokenizer([toy_data / "train.src", toy_data / "train.tgt"], 100, model_type="word")
+    module = TranslationModule({"src_vocab_size": len(tok), "tgt_vocab_size": len(tok), "embedding_size": 8,
+                                "encoder_hidden_size": 8, "decoder_hidden_sizes": [8]},
+                               src_tokenizer=tok, tgt_tokenizer=tok, valid_references=["", "a b"]).eval()
+    with torch.no_grad():   # a model that always says word 5: any output it gives is not blank
+        module.model.decoder.output_layer.bias.fill_(-100.0)
+        module.model.decoder.output_layer.bias[5] = 100.0
+    batch = collate([(0, np.array([], dtype=np.int64), np.array([6])), (1, np.array([7, 8]), np.array([6]))])
+    module.on_validation_epoch_start()
+    with torch.no_grad():
+        module.validation_step(batch, 0)
+    assert module._val_hyps[0] == "" and module._val_hyps[1] != ""
+
+
 def test_ddp_spawn_on_two_cpu_processes_gathers_validation_over_all_ranks(tmp_path, toy_data):
     """Two CPU processes (gloo): each decodes half the validation set; BLEU covers all of it."""
     import json
