@@ -263,19 +263,39 @@ class Batcher:
         """Start `group` (sentences with search-options key `key`) in that key's stream."""
         start = time.perf_counter()
         try:
-            if key not in streams:
-                streams[key] = self.translator.stream(group[0].request.options, return_attention=key[1])
-            streams[key].add([e.request.sentences[e.index] for e in group], [id(e) for e in group],
-                             [e.index + 1 for e in group])
+            self._add(streams, key, group)
         except Exception as e:  # noqa: BLE001 - reported to its callers; the worker and the stream live on
-            log.exception("starting %d sentences failed", len(group))
-            _fail([x.request for x in group], e)
-            return
+            by_request: dict[int, list[_Entry]] = {}
+            for x in group:
+                by_request.setdefault(id(x.request), []).append(x)
+            if len(by_request) == 1:
+                log.exception("starting %d sentences failed", len(group))
+                _fail([group[0].request], e)
+                return
+            # one request's sentence may be at fault: the others must not fail with it
+            log.warning("starting %d sentences of %d requests together failed (%s: %s); starting each "
+                        "request on its own", len(group), len(by_request), type(e).__name__, e)
+            group = []
+            for entries in by_request.values():
+                try:
+                    self._add(streams, key, entries)
+                    group += entries
+                except Exception as e:  # noqa: BLE001 - as above, for this request alone
+                    log.exception("starting %d sentences of one request failed", len(entries))
+                    _fail([entries[0].request], e)
+            if not group:
+                return
         finally:
             self.stats.busy_s += time.perf_counter() - start
         running.update((id(e), e) for e in group)
         self.stats.joins += 1
         self.batches.append(BatchRecord(len(group), len({id(e.request) for e in group}), len(running)))
+
+    def _add(self, streams: dict[tuple, TranslationStream], key: tuple, group: list[_Entry]) -> None:
+        if key not in streams:
+            streams[key] = self.translator.stream(group[0].request.options, return_attention=key[1])
+        streams[key].add([e.request.sentences[e.index] for e in group], [id(e) for e in group],
+                         [e.index + 1 for e in group])
 
     def _step(self, stream: TranslationStream, running: dict[int, _Entry]) -> bool:
         """One decoder step of `stream`; answers the sentences it finished. False if it failed."""

@@ -142,7 +142,8 @@ def translate_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true",
                    help="one JSON object per input line: hypotheses with scores, and timing")
     p.add_argument("--chunk-size", type=int, default=4096,
-                   help="lines read, translated and written at a time (bounds memory on huge inputs)")
+                   help="lines read, translated and written at a time (bounds memory on huge inputs; "
+                        "1 when standard input is a terminal; give 1 to answer a pipe line by line)")
     p.add_argument("--quiet", "-q", action="store_true", help="only warnings on stderr")
     p.add_argument("--score", action="store_true",
                    help="force-decode given targets instead of translating: input lines are SOURCE<TAB>TARGET "
@@ -243,11 +244,16 @@ def _translate(argv: Sequence[str] | None) -> int:
     if pairs is not None:
         return _score(args, translator, pairs, options)
     lines = _input_lines(args)
+    chunk_size = args.chunk_size
+    if _typing(args):
+        # someone typing: answer each line as it is entered, not after 4,096 of them
+        chunk_size = 1
+        log.info("reading sentences from the terminal, one per line; end with Ctrl-D")
     start = time.perf_counter()
     attention_dir = Path(args.attention_plot) if args.attention_plot else None
     with _output(args.output) as out, _progress_bar(args) as progress:
         n = translate_lines(translator, lines, out, options, batch_size=args.batch_size,
-                            chunk_size=args.chunk_size, as_json=args.json, attention_dir=attention_dir,
+                            chunk_size=chunk_size, as_json=args.json, attention_dir=attention_dir,
                             progress=progress)
     log.info("translated %d lines in %.1f s", n, time.perf_counter() - start)
     return 0
@@ -417,13 +423,18 @@ def _count_input_lines(args: argparse.Namespace) -> int | None:
     return None
 
 
+def _typing(args: argparse.Namespace) -> bool:
+    """Sentences come from someone at a terminal (standard input is a tty)."""
+    return not args.sentences and not args.input and sys.stdin.isatty()
+
+
 @contextmanager
 def _progress_bar(args: argparse.Namespace) -> Iterator[tqdm | None]:
     """A bar on stderr only for someone watching it: stderr is a terminal and no --quiet.
 
     Redirected stderr (a log file, a pipeline, a test) stays free of bar characters.
     """
-    if args.quiet or not sys.stderr.isatty():
+    if args.quiet or not sys.stderr.isatty() or _typing(args):
         yield None
         return
     # log lines go through tqdm.write so a warning does not tear the bar in half

@@ -23,6 +23,9 @@ def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
     A translation tool must not stop at one bad byte in line 9,000 of a user file,
     nor silently change it: the warning names the file and the line. A byte-order mark
     at the start of the file (as some Windows editors write) is dropped: it is not text.
+    Lines end at "\n" only (as `wc -l` counts them, so outputs stay aligned with
+    references); a "\r" before it is dropped, and one inside a line (a file with classic
+    Mac line ends reads as one long line) is read as a space, with a warning.
     """
     for number, raw in enumerate(raw_lines, start=1):
         try:
@@ -32,7 +35,13 @@ def decode_lines(raw_lines: Iterable[bytes], name: str) -> Iterator[str]:
             log.warning("%s:%d: invalid UTF-8, bad bytes replaced by U+FFFD", name, number)
         if number == 1:
             line = line.removeprefix("\ufeff")
-        yield line.rstrip("\r\n")
+        line = line.rstrip("\r\n")
+        if "\r" in line:
+            log.warning("%s:%d: %d carriage return(s) inside the line read as spaces; lines end at "
+                        "\\n only (for classic Mac line ends, convert with: tr '\\r' '\\n')",
+                        name, number, line.count("\r"))
+            line = line.replace("\r", " ")
+        yield line
 
 
 def read_lines(path: str | Path) -> list[str]:

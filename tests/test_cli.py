@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import pty
+import select
+import subprocess
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import console, run_cli
 
 
 def test_translate_arguments_stdin_and_files_agree(toy, tmp_path):
@@ -124,3 +127,28 @@ def test_invalid_utf8_arguments_a_byte_order_mark_and_a_pipe_as_input(toy, tmp_p
     piped = run_cli(["seq2seq-translate", "-c", toy["model"], "--quiet", "--input", "/dev/stdin"],
                     stdin=(line + "\n").encode())
     assert piped.returncode == 0 and piped.stdout == plain.stdout, piped.stderr.decode()[-2000:]
+
+
+def test_a_terminal_gets_each_translation_as_its_line_is_entered(toy):
+    lines = toy["lines"][:2]
+    piped = run_cli(["seq2seq-translate", "-c", toy["model"], "--quiet"], stdin=("\n".join(lines) + "\n").encode())
+    expected = piped.stdout.decode().splitlines()
+    assert piped.returncode == 0 and len(expected) == 2, piped.stderr.decode()[-2000:]
+    controller, terminal = pty.openpty()
+    proc = subprocess.Popen([console("seq2seq-translate"), "-c", toy["model"], "--quiet"], stdin=terminal,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.close(terminal)
+    try:
+        for line, want in zip(lines, expected):
+            os.write(controller, (line + "\n").encode())
+            # the answer must come while the terminal waits for the next line (not after 4,096 lines)
+            ready, _, _ = select.select([proc.stdout], [], [], 60)
+            assert ready, "no translation of a typed line within 60 s"
+            assert proc.stdout.readline().decode().rstrip("\n") == want
+        os.write(controller, b"\x04")   # Ctrl-D: end of input
+        assert proc.wait(timeout=60) == 0, proc.stderr.read().decode()[-2000:]
+        assert proc.stdout.read() == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(controller)

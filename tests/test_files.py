@@ -18,6 +18,13 @@ def test_a_byte_order_mark_opening_a_file_is_dropped_and_nowhere_else(tmp_path):
     assert list(decode_lines([b"a\n", b"b"], "x")) == ["a", "b"]
 
 
+def test_a_carriage_return_inside_a_line_is_a_space_with_a_warning_naming_the_line(caplog):
+    # classic Mac line ends: the file is one line to `wc -l`, and so to us, but not silently
+    assert list(decode_lines([b"ok\r\n", b"eins\rzwei\rdrei\r"], "mac.txt")) == ["ok", "eins zwei drei"]
+    assert "mac.txt:2: 2 carriage return(s) inside the line read as spaces" in caplog.text
+    assert "mac.txt:1" not in caplog.text
+
+
 def test_an_output_path_that_is_a_directory_is_refused_before_any_work(tmp_path):
     with pytest.raises(InputError, match=f"--output {tmp_path} is a directory"):
         check_output_path(tmp_path)

@@ -333,6 +333,37 @@ def test_sentences_join_a_running_stream_in_groups(translator, sentences, group,
     assert batcher.stats.joins == len(records)
 
 
+class PoisonedStreams(GatedStreams):
+    """Gated streams whose `add` fails for any group holding a sentence with "POISON" in it."""
+
+    def stream(self, options, *, return_attention=False):
+        stream = super().stream(options, return_attention=return_attention)
+        add = stream.add
+
+        def poisoned_add(lines, tags, line_numbers=None):
+            if any("POISON" in line for line in lines):
+                raise ValueError("cannot encode POISON (simulated)")
+            return add(lines, tags, line_numbers)
+        stream.add = poisoned_add
+        return stream
+
+
+def test_a_sentence_that_cannot_start_fails_its_own_request_not_those_joining_with_it(translator, sentences):
+    poisoned = PoisonedStreams(translator)
+    with Batcher(poisoned, max_batch_sentences=8, max_wait_ms=0, join_group=3, join_wait_ms=60_000) as batcher:
+        first = batcher.submit(sentences[:2], SearchOptions(beam_size=3))
+        assert poisoned.first_step.wait(30)             # decoding has started; these three queue as one group
+        good = batcher.submit(sentences[2:3], SearchOptions(beam_size=3))
+        bad = batcher.submit(["POISON " + sentences[3]], SearchOptions(beam_size=3))
+        also_good = batcher.submit(sentences[4:5], SearchOptions(beam_size=3))
+        poisoned.gate.set()
+        results = first.result(timeout=30) + good.result(timeout=30) + also_good.result(timeout=30)
+        with pytest.raises(ValueError, match="cannot encode POISON"):
+            bad.result(timeout=30)
+    want = offline(translator, sentences[:3] + sentences[4:5], beam_size=3)
+    assert [h[0].text for h in results] == [h[0].text for h in want]
+
+
 def test_a_request_given_up_in_flight_leaves_the_decoder(translator, sentences):
     gated = GatedStreams(translator)
     with Batcher(gated, max_batch_sentences=8, max_wait_ms=0) as batcher:
