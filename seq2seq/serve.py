@@ -61,7 +61,8 @@ from .info import model_card
 from .quantize import PRECISIONS
 from .search import NORMALISATIONS, SearchOptions
 from .translate import Translation, Translator
-from .workers import ConnectionBalancer, StatsBoard, WorkerSpec, check_workers_supported, default_threads, serve_workers
+from .workers import (ConnectionBalancer, StatsBoard, WorkerSpec, check_workers_supported, claim_port, default_threads,
+                      serve_workers)
 
 log = logging.getLogger("seq2seq")
 
@@ -464,13 +465,16 @@ def _serve(argv: Sequence[str] | None) -> int:
                         args.workers, args.device)
         log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
         return serve_workers(spec, args.workers)
-    if args.threads:
-        import torch
-        torch.set_num_threads(args.threads)
-    app = create_app(args.checkpoint, settings, device=args.device, max_source_len=args.max_source_len,
-                     precision=args.precision)
-    log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
-    return run_server(app, args.log_level, args.graceful_timeout, host=args.host, port=args.port)
+    sock = claim_port(args.host, args.port)   # a taken port fails now, not after loading the model
+    with sock:
+        if args.threads:
+            import torch
+            torch.set_num_threads(args.threads)
+        app = create_app(args.checkpoint, settings, device=args.device, max_source_len=args.max_source_len,
+                         precision=args.precision)
+        log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
+        return run_server(app, args.log_level, args.graceful_timeout, host=args.host,
+                          port=sock.getsockname()[1], sockets=[sock])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -141,18 +141,27 @@ class ConnectionBalancer:
         return True
 
 
-def reuseport_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to (host, port) with SO_REUSEPORT (not listening yet)."""
+def bound_socket(host: str, port: int, *, reuseport: bool = False) -> socket.socket:
+    """A TCP socket bound to (host, port), with SO_REUSEPORT if asked (not listening yet)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuseport:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
     except OSError:
         sock.close()
         raise
     return sock
+
+
+def claim_port(host: str, port: int, *, reuseport: bool = False) -> socket.socket:
+    """`bound_socket`, or the one-line error (exit 2) when the address cannot be had."""
+    try:
+        return bound_socket(host, port, reuseport=reuseport)
+    except OSError as e:   # taken by another program, not an address of this machine, ...
+        raise InputError(f"cannot serve on {host}:{port}: {e}") from None
 
 
 def check_workers_supported() -> None:
@@ -200,7 +209,7 @@ def _worker(index: int, spec: WorkerSpec, board: StatsBoard, parent: int) -> Non
     logging.basicConfig(level=spec.log_level.upper(), format=f"%(levelname)s: [worker {index}] %(message)s")
     torch.set_num_threads(spec.threads)
     threading.Thread(target=_watch_parent, args=(parent,), name="seq2seq-parent-watch", daemon=True).start()
-    sock = reuseport_socket(spec.host, spec.port)
+    sock = bound_socket(spec.host, spec.port, reuseport=True)
     app = create_app(spec.checkpoint, spec.settings, card=spec.card, device=spec.device,
                      max_source_len=spec.max_source_len, precision=spec.precision, board=(board, index))
     sys.exit(run_server(app, spec.log_level, spec.graceful_timeout, sockets=[sock]))
@@ -211,10 +220,7 @@ def serve_workers(spec: WorkerSpec, workers: int) -> int:
 
     The caller has checked `check_workers_supported` (before loading anything).
     """
-    try:   # holds the port (and resolves port 0) while the workers start
-        holder = reuseport_socket(spec.host, spec.port)
-    except OSError as e:   # taken by another program, not an address of this machine, ...
-        raise InputError(f"cannot serve on {spec.host}:{spec.port}: {e}") from None
+    holder = claim_port(spec.host, spec.port, reuseport=True)   # holds the port (and resolves 0) while workers start
     spec = WorkerSpec(**{**vars(spec), "port": holder.getsockname()[1]})
     ctx = mp.get_context("spawn")   # fresh interpreters: no torch threads or locks inherited through fork
     board = StatsBoard(workers, ctx)

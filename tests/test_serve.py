@@ -685,13 +685,17 @@ def test_a_worker_that_dies_stops_the_service_with_exit_1(model_path):
     assert gone(pids[1])
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT")
-def test_workers_on_a_port_another_program_holds_is_one_line_and_exit_code_2(model_path, capsys):
+@pytest.mark.parametrize("workers", ["1", pytest.param("2", marks=pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="--workers needs Linux's SO_REUSEPORT"))])
+def test_a_port_another_program_holds_is_one_line_and_exit_code_2(model_path, capsys, monkeypatch, workers):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded although the port is taken")
+    monkeypatch.setattr("seq2seq.serve.create_app", no_loading)   # one process: fails before loading the model
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        assert main(["--checkpoint", str(model_path), "--workers", "2", "--port", str(port)]) == 2
+        assert main(["--checkpoint", str(model_path), "--workers", workers, "--port", str(port)]) == 2
     assert capsys.readouterr().err.startswith(f"error: cannot serve on 127.0.0.1:{port}: [Errno 98]")
 
 
