@@ -219,11 +219,17 @@ def read_lines(path: Path) -> list[str]:
     """Lines of a UTF-8 file, split on LF only so a stray CR or U+2028 cannot shift alignment."""
     if not path.is_file():
         raise CorpusError(f"Missing input file: {path}")
+    data = path.read_bytes()
     try:
-        with open(path, encoding="utf-8-sig", newline="\n") as handle:
-            return [line[:-1] if line.endswith("\n") else line for line in handle]
-    except UnicodeDecodeError as exc:
-        raise CorpusError(f"{path} is not valid UTF-8: {exc}") from None
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:   # name the line: a byte offset into a corpus helps no one
+        line = data.count(b"\n", 0, exc.start) + 1
+        raise CorpusError(f"{path}:{line}: invalid UTF-8 ({exc.reason}, byte 0x{data[exc.start]:02x}); "
+                          "training data is not guessed at: fix or remove that line") from None
+    if not text:
+        return []
+    lines = text.split("\n")
+    return lines[:-1] if text.endswith("\n") else lines
 
 
 def read_aligned(paths: dict[str, Path]) -> dict[str, list[str]]:

@@ -115,6 +115,25 @@ def test_mismatched_line_counts_name_both_files(multi30k_dir: Path, tmp_path: Pa
     assert not (tmp_path / "out").exists()  # nothing written before the inputs check out
 
 
+def test_invalid_utf8_names_the_file_and_line_and_writes_nothing(multi30k_dir: Path, tmp_path: Path) -> None:
+    path = multi30k_dir / "train.de"
+    lines = path.read_bytes().split(b"\n")
+    lines[3] = b"de train caf\xe9 in Latin-1 ."     # line 4
+    path.write_bytes(b"\n".join(lines))
+    with pytest.raises(CorpusError, match=rf"^{path}:4: invalid UTF-8 \(invalid continuation byte, byte 0xe9\)"):
+        prepare("multi30k", tmp_path / "out", source=multi30k_dir)
+    assert not (tmp_path / "out").exists()
+
+
+def test_lines_end_at_line_feeds_only_with_or_without_a_final_one(tmp_path: Path) -> None:
+    path = tmp_path / "lines.txt"
+    for data, want in [(b"", []), (b"\n", [""]), (b"a\n\nb", ["a", "", "b"]),
+                       (b"\xef\xbb\xbfa\rb\n", ["a\rb"]),
+                       ("a\u2028b\x85c\n".encode(), ["a\u2028b\x85c"])]:
+        path.write_bytes(data)
+        assert corpora.read_lines(path) == want, data
+
+
 def test_missing_folder_and_file(multi30k_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(CorpusError, match="Input folder not found"):
         prepare("multi30k", tmp_path / "out", source=tmp_path / "nowhere")
