@@ -116,6 +116,14 @@ def test_every_shipped_experiment_passes_the_config_check(experiment, tmp_path):
     check_config(cfg)
 
 
+@pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.endswith("_quick")])
+def test_the_quick_schedules_are_bounded_by_epochs_not_wall_time(experiment, tmp_path):
+    """A busy machine must make the main command slower, not its model worse."""
+    cfg = _compose([f"experiment={experiment}", f"data.dir={tmp_path}"])
+    assert cfg.trainer.max_time is None and cfg.trainer.max_steps == -1
+    assert 1 <= cfg.trainer.max_epochs <= 5
+
+
 def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy_data, monkeypatch):
     """Train 50 steps straight; train 25, stop, resume to 50: bitwise the same weights.
 
