@@ -9,6 +9,8 @@ counts, a bad flag value) is one line on stderr and exit code 2, with no traceba
 from __future__ import annotations
 
 import argparse
+import codecs
+import io
 import json
 import logging
 import os
@@ -110,7 +112,15 @@ def _checkpoint_alpha(options: SearchOptions, translator: Translator) -> SearchO
     return translator.resolve(options)
 
 
+def _utf8_stdout() -> None:
+    """Write UTF-8 whatever the locale says, as every input is read (an ASCII or Latin-1
+    locale would otherwise stop a run at the first "ß" or "▁" it cannot encode)."""
+    if isinstance(sys.stdout, io.TextIOWrapper) and codecs.lookup(sys.stdout.encoding).name != "utf-8":
+        sys.stdout.reconfigure(encoding="utf-8")
+
+
 def _run(main_fn, argv: Sequence[str] | None) -> int:
+    _utf8_stdout()
     try:
         return main_fn(argv)
     except (InputError, CheckpointError) as e:

@@ -152,3 +152,14 @@ def test_a_terminal_gets_each_translation_as_its_line_is_entered(toy):
         if proc.poll() is None:
             proc.kill()
         os.close(controller)
+
+
+def test_output_is_utf8_whatever_the_locale_encoding(toy):
+    """An ASCII locale must not stop a run at the first character it cannot encode."""
+    src, tgt = toy["lines"][0], toy["refs"][0]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONIOENCODING": "ascii"}
+    proc = subprocess.run([console("seq2seq-translate"), "-c", toy["model"], "--score", "--json"],
+                          input=f"{src}\t{tgt}\n".encode(), capture_output=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    tokens = json.loads(proc.stdout.decode("utf-8"))["tokens"]
+    assert any("\u2581" in t for t in tokens)      # SentencePiece's word marker, written as UTF-8
