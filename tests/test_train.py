@@ -117,11 +117,13 @@ def test_every_shipped_experiment_passes_the_config_check(experiment, tmp_path):
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.endswith("_quick")])
-def test_the_quick_schedules_are_bounded_by_epochs_not_wall_time(experiment, tmp_path):
+def test_the_quick_schedules_are_bounded_by_epochs_and_average_nothing(experiment, tmp_path):
     """A busy machine must make the main command slower, not its model worse."""
     cfg = _compose([f"experiment={experiment}", f"data.dir={tmp_path}"])
     assert cfg.trainer.max_time is None and cfg.trainer.max_steps == -1
     assert 1 <= cfg.trainer.max_epochs <= 5
+    # a moving average of the weights needs far more steps than 4 epochs to forget the first ones
+    assert cfg.train.ema_decay == 0 and cfg.evaluate.average_last == 0
 
 
 def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy_data, monkeypatch):
