@@ -257,10 +257,35 @@ class MovingAverage(WeightAveraging):
 
     def __init__(self, decay: float, start_step: int = 0) -> None:
         super().__init__(multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
         self.start_step = start_step
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
         return step_idx is not None and step_idx >= self.start_step
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self.warn_if_budget_too_short(trainer)
+
+    def warn_if_budget_too_short(self, trainer) -> float | None:
+        """Warn when the step budget (max_steps or max_epochs) ends while the average still
+        holds over 10% of its first weights; returns that share (None: no step budget known)."""
+        budgets = []
+        if trainer.max_steps is not None and trainer.max_steps > 0:
+            budgets.append(trainer.max_steps)
+        per_epoch = trainer.num_training_batches
+        if trainer.max_epochs is not None and trainer.max_epochs > 0 and per_epoch and per_epoch != float("inf"):
+            budgets.append(trainer.max_epochs * int(per_epoch) // max(trainer.accumulate_grad_batches, 1))
+        if not budgets:
+            return None
+        steps = max(min(budgets) - self.start_step, 0)
+        left = self.decay ** steps
+        if left > 0.1:
+            log.warning("train.ema_decay=%g over a budget of %d optimizer steps: at the end the average "
+                        "still holds %.0f%% of its first steps' weights, which validation and model.pt will "
+                        "see; use a smaller decay (about %.4f for this budget), a later train.ema_start_step, "
+                        "or 0 (no average)", self.decay, steps, 100 * left, max(1 - 5 / max(steps, 1), 0.0))
+        return left
 
 
 def weight_averaging(cfg: DictConfig) -> list[MovingAverage]:

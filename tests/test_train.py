@@ -388,6 +388,27 @@ def test_csv_metrics_of_a_resumed_run_keep_the_rows_from_before(tmp_path):
     assert [(r["step"], r["train/loss"], r["val/bleu"]) for r in rows] == [("10", "3.0", ""), ("20", "2.0", "12.5")]
 
 
+@pytest.mark.parametrize("budget, warns", [
+    (dict(max_steps=-1, max_epochs=4, num_training_batches=454), True),      # 1,816 steps: 40% left
+    (dict(max_steps=-1, max_epochs=40, num_training_batches=454), False),    # the full recipe: 0.01%
+    (dict(max_steps=500, max_epochs=40, num_training_batches=454), True),    # max_steps ends it first
+    (dict(max_steps=-1, max_epochs=-1, num_training_batches=454), None),     # wall time only: unknown
+])
+def test_a_moving_average_longer_than_the_budget_is_warned_of(budget, warns, caplog):
+    from types import SimpleNamespace
+
+    from seq2seq.train import MovingAverage
+    trainer = SimpleNamespace(accumulate_grad_batches=1, **budget)
+    with caplog.at_level("WARNING", logger="seq2seq.train"):
+        left = MovingAverage(0.9995).warn_if_budget_too_short(trainer)
+    if warns is None:
+        assert left is None and not caplog.records
+        return
+    assert (left > 0.1) == warns and bool(caplog.records) == warns
+    if warns:
+        assert "train.ema_decay=0.9995" in caplog.text and "still holds" in caplog.text
+
+
 def test_resuming_with_the_moving_average_switched_on_or_off_is_refused(tmp_path, toy_data):
     """A checkpoint of an averaged run holds the average as its weights; training on from it
     with train.ema_decay=0 (or starting an average mid-run) is refused, naming both values."""
