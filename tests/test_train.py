@@ -126,6 +126,26 @@ def test_the_quick_schedules_are_bounded_by_epochs_and_average_nothing(experimen
     assert cfg.train.ema_decay == 0 and cfg.evaluate.average_last == 0
 
 
+# the sizes docs/RESULTS.md and the README report for each recipe's model (joint vocabulary of 6,000)
+RECIPE_PARAMETERS = {"multi30k_en_de": 15_076_720, "multi30k_en_de_quick": 5_313_136,
+                     "multi30k_de_en": 5_313_136, "multi30k_de_en_quick": 5_313_136}
+
+
+@pytest.mark.parametrize("experiment", sorted(RECIPE_PARAMETERS))
+def test_each_multi30k_recipe_builds_the_model_its_figures_were_measured_with(experiment, tmp_path):
+    """A quick schedule inherits its full recipe's settings: a change to the full recipe's model
+    must not silently change the model the main command's figures belong to."""
+    from seq2seq.model import Seq2Seq
+    from seq2seq.train import check_config, split_paths
+    cfg = _compose([f"experiment={experiment}", f"data.dir={tmp_path}"])
+    for split in ("train", "valid"):
+        for path in split_paths(cfg, split):
+            path.touch()
+    model_cfg = check_config(cfg)
+    model_cfg.src_vocab_size = model_cfg.tgt_vocab_size = cfg.tokenizer.vocab_size
+    assert Seq2Seq(model_cfg).num_parameters() == RECIPE_PARAMETERS[experiment]
+
+
 def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy_data, monkeypatch):
     """Train 50 steps straight; train 25, stop, resume to 50: bitwise the same weights.
 
