@@ -104,16 +104,21 @@ EXPERIMENTS = sorted(p.name.removesuffix(".yaml") for p in resources.files("seq2
                      if p.name.endswith(".yaml"))
 
 
+def _checked_config(experiment: str, data_dir):
+    """The experiment's config over empty train/valid files in data_dir, and check_config's model config."""
+    from seq2seq.train import check_config, split_paths
+    cfg = _compose([f"experiment={experiment}", f"data.dir={data_dir}"])
+    for split in ("train", "valid"):
+        for path in split_paths(cfg, split):
+            path.touch()
+    return cfg, check_config(cfg)
+
+
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_every_shipped_experiment_passes_the_config_check(experiment, tmp_path):
     """Each recipe a user can name composes and is accepted before any work starts
     (e.g. averaging no more checkpoints than it keeps, sampling only with unigram or BPE)."""
-    from seq2seq.train import check_config, split_paths
-    cfg = _compose([f"experiment={experiment}", f"data.dir={tmp_path}"])
-    for split in ("train", "valid"):
-        for path in split_paths(cfg, split):
-            path.touch()
-    check_config(cfg)
+    _checked_config(experiment, tmp_path)
 
 
 @pytest.mark.parametrize("experiment", [e for e in EXPERIMENTS if e.endswith("_quick")])
@@ -136,12 +141,7 @@ def test_each_multi30k_recipe_builds_the_model_its_figures_were_measured_with(ex
     """A quick schedule inherits its full recipe's settings: a change to the full recipe's model
     must not silently change the model the main command's figures belong to."""
     from seq2seq.model import Seq2Seq
-    from seq2seq.train import check_config, split_paths
-    cfg = _compose([f"experiment={experiment}", f"data.dir={tmp_path}"])
-    for split in ("train", "valid"):
-        for path in split_paths(cfg, split):
-            path.touch()
-    model_cfg = check_config(cfg)
+    cfg, model_cfg = _checked_config(experiment, tmp_path)
     model_cfg.src_vocab_size = model_cfg.tgt_vocab_size = cfg.tokenizer.vocab_size
     assert Seq2Seq(model_cfg).num_parameters() == RECIPE_PARAMETERS[experiment]
 
