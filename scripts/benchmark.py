@@ -118,6 +118,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 import seq2seq
@@ -127,9 +128,11 @@ from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
 from seq2seq.files import InputError, read_lines
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import build_model
+from seq2seq.module import adam, batch_loss
 from seq2seq.quantize import cpu_fields
 from seq2seq.token_cache import cached_dataset
 from seq2seq.tokenizer import PAD_ID, train_tokenizer
+from seq2seq.train import training_precision
 from seq2seq.translate import SearchOptions, Translator
 
 SECTIONS = ("peak", "train", "decode", "memory")
@@ -389,18 +392,16 @@ def run_training(model_config: dict, opts: dict, batches, *, warmup: int, steps:
     """
     torch.manual_seed(seed)
     model = build_model(dict(model_config)).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"], betas=opts["betas"],
-                                 weight_decay=opts["weight_decay"])
-    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=opts["label_smoothing"], reduction="sum")
-    ctx = (lambda: torch.autocast("cpu", dtype=autocast_dtype)) if autocast_dtype else contextlib.nullcontext
+    optimizer = adam(model.parameters(), opts["lr"], opts["betas"], opts["weight_decay"])
+    # exactly Lightning's bf16-mixed context (MixedPrecision.autocast_context_manager): no cast cache
+    ctx = ((lambda: torch.autocast("cpu", dtype=autocast_dtype, cache_enabled=False)) if autocast_dtype
+           else contextlib.nullcontext)
 
-    def step(batch) -> float:
+    def step(batch) -> float:  # what TranslationModule.training_step and Lightning's loop do
         optimizer.zero_grad(set_to_none=True)
         with ctx():
-            logits, _ = model(batch.src, batch.src_len, batch.tgt_in)   # (batch, tgt_len, vocab)
-            n_tokens = int((batch.tgt_out != PAD_ID).sum())
-            loss = loss_fn(logits.reshape(-1, logits.size(-1)).float(), batch.tgt_out.reshape(-1))
-            loss = loss / max(n_tokens, 1)
+            loss_sum, n_tokens = batch_loss(model, batch, opts["label_smoothing"])
+            loss = loss_sum / max(n_tokens, 1)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -484,6 +485,35 @@ def bench_train(args, model_config: dict, src_tok, tgt_tok, opts: dict, peak: di
                 f"{r['model_gflops_per_s']:.2f} GFLOP/s" + (f" = {frac:.1%} of fp32 peak" if frac else ""))
         else:
             say(f"  {r}")
+    return out
+
+
+def bench_peer(args) -> dict:
+    """The peer's training throughput, measured now by its own script (../shared/peers)."""
+    script = Path(args.peer_script)
+    if not script.is_file():
+        return {"error": f"no peer script at {script}"}
+    say(f"peer {args.peer}: {args.peer_updates} training updates by {script} (minutes) ...")
+    proc = subprocess.run(["bash", str(script), "speed", str(args.peer_updates)], capture_output=True, text=True,
+                          env={**os.environ, "MULTI30K": args.peer_data, "SRC": args.src, "TGT": args.tgt})
+    lines = [ln for ln in proc.stdout.strip().splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        tail = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+        return {"error": f"exit {proc.returncode}: {tail[-1] if tail else ''}"[:300]}
+    result = json.loads(lines[-1])
+    say(f"  {result.get('train_tgt_tok_s')} tgt tok/s")
+    return {"name": args.peer, "script": str(script), "updates": args.peer_updates, **result}
+
+
+def peer_ratios(report: dict) -> dict:
+    """Each of our training modes' target tokens/s over the peer's (measured in the same run)."""
+    peer = (report.get("peer") or {}).get("train_tgt_tok_s")
+    train = report.get("train") or {}
+    out = {}
+    for key in ("float32", "bfloat16_autocast", "float32_after", "bfloat16_autocast_after"):
+        rate = (train.get(key) or {}).get("tgt_tokens_per_s")
+        if rate and peer:
+            out[key] = rate / peer
     return out
 
 
@@ -742,15 +772,13 @@ def scale_child(args) -> dict:
     sampler = BucketBatchSampler(dataset.lengths, args.train_batch_size, shuffle=True, seed=args.seed)
     torch.manual_seed(args.seed)
     model = build_model(dict(info["model_config"])).train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=opts["lr"])
-    loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=opts["label_smoothing"], reduction="sum")
+    optimizer = adam(model.parameters(), opts["lr"])
     first, steps = None, 0
     for idx in sampler:
         batch = collate([dataset[i] for i in idx])
         optimizer.zero_grad(set_to_none=True)
-        logits, _ = model(batch.src, batch.src_len, batch.tgt_in)   # (batch, tgt_len, vocab)
-        loss = loss_fn(logits.reshape(-1, logits.size(-1)), batch.tgt_out.reshape(-1))
-        (loss / max(int((batch.tgt_out != PAD_ID).sum()), 1)).backward()
+        loss_sum, n_tokens = batch_loss(model, batch, opts["label_smoothing"])
+        (loss_sum / max(n_tokens, 1)).backward()
         optimizer.step()
         steps += 1
         if first is None:
@@ -804,7 +832,9 @@ def print_table(report: dict) -> None:
     if "train" in report:
         t = report["train"]
         say(f"{'train':22s} {'tgt tok/s':>10s} {'sent/s':>8s} {'s/step':>8s} {'pad':>6s} {'GFLOP/s':>8s} {'%fp32pk':>8s}")
-        for k in ("float32", "bfloat16_autocast"):
+        for k in ("float32", "bfloat16_autocast", "float32_after", "bfloat16_autocast_after"):
+            if k not in t:
+                continue
             r = t.get(k, {})
             if "tgt_tokens_per_s" in r:
                 frac = r["fraction_of_float32_peak"]
@@ -835,6 +865,10 @@ def print_table(report: dict) -> None:
                 f"{t.get('peak_rss_mb', float('nan')):12,.0f}")
         ratio = report["scale"]["train_rss_ratio"]
         say(f"training RSS, largest / smallest corpus: {ratio:.2f}" if ratio else "training RSS ratio: n/a")
+    if "peer_ratios" in report:
+        peer = report.get("peer", {})
+        say(f"peer {peer.get('name')}: {peer.get('train_tgt_tok_s', peer.get('error'))} tgt tok/s; ours / peer: "
+            + ", ".join(f"{k} {v:.2f}x" for k, v in report["peer_ratios"].items()))
     for key, table in report.get("profile", {}).items():
         say(f"profile {key}: {table['total_ms']:.1f} ms of self CPU time; largest:")
         for r in table["ops"][:10]:
@@ -904,6 +938,15 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1, help="batch order and model init (default: %(default)s)")
     g.add_argument("--bf16-guard", type=float, default=20.0,
                    help="abandon a bfloat16 mode whose warm-up step/call takes longer (s; default: %(default)s)")
+    g = p.add_argument_group("peer (training throughput of another toolkit, measured in the same run)")
+    g.add_argument("--peer", choices=["fairseq"], help="measure this peer's training speed between two runs of "
+                   "the train section and report our modes' ratios to it (needs ../shared/peers/setup_fairseq.sh)")
+    g.add_argument("--peer-script", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "peers"
+                                                  / "fairseq_multi30k.sh"), help="(default: %(default)s)")
+    g.add_argument("--peer-data", default=str(Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+                                                / "multi30k"), help="raw Multi30k for the peer (default: %(default)s)")
+    g.add_argument("--peer-updates", type=positive_int, default=150,
+                   help="the peer's training updates; its first 25 are its warm-up (default: %(default)s)")
     g = p.add_argument_group("decode")
     g.add_argument("--batch-sizes", type=int_list, default=[1, 16, 64, 128],
                    help="batch sizes, each with beam 5 and greedy (default: 1,16,64,128)")
@@ -959,6 +1002,14 @@ def run(args) -> dict:
             model_config["input_feeding"] = args.input_feeding == "on"
         report["train"] = bench_train(args, model_config, src_tok, tgt_tok, opts, report.get("peak"))
         report["train"]["input_feeding"] = model_config["input_feeding"]
+        report["train"]["auto_precision"] = training_precision(OmegaConf.create({"accelerator": "cpu"}))
+    if args.peer:
+        report["peer"] = bench_peer(args)
+        if "train" in args.only:  # ours again after the peer: the machine drifts within minutes
+            again = bench_train(args, model_config, src_tok, tgt_tok, opts, report.get("peak"))
+            for key in ("float32", "bfloat16_autocast"):
+                report["train"][f"{key}_after"] = again[key]
+        report["peer_ratios"] = peer_ratios(report)
     if "decode" in args.only:
         report["decode"] = bench_decode(args)
     if "memory" in args.only:

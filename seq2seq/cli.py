@@ -66,10 +66,11 @@ def _add_search_args(p: argparse.ArgumentParser, default_beam: int) -> None:
     g.add_argument("--seed", type=int, default=0, help="seed for --sample: same seed and input, same output")
     g.add_argument("--batch-size", type=int, default=64, help="sentences decoded together")
     g.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    g.add_argument("--precision", choices=PRECISIONS, default="float32",
-                   help="bfloat16: the model's weights in bfloat16 (fast on CPUs with AVX512_BF16 or AMX); "
-                        "int8: the decoder's matrices in int8 (CPU only); both are faster where the CPU "
-                        "supports them and may move BLEU slightly (default: float32)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bfloat16 where the CPU has AVX512_BF16 or AMX (or the GPU supports it), else "
+                        "float32; bfloat16: the model's weights in bfloat16; int8: the decoder's matrices in "
+                        "int8 (CPU only); both are faster where the CPU supports them and may move BLEU "
+                        "slightly (default: auto)")
     g.add_argument("--max-source-len", type=int, default=250,
                    help="longer inputs are cropped to this many subwords, with a warning")
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .attention import Memory, build_attention
+from .bptt import teacher_forced
 from .tokenizer import PAD_ID
 
 LayerState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (batch, hidden_l)
@@ -43,7 +44,7 @@ class CellStack(nn.Module):
     """nn.LSTMCell layers, each with its own hidden size, dropout between layers.
 
     Looping it over time with the weights of an nn.LSTM reproduces that nn.LSTM
-    (tests/test_decoder.py holds it to that).
+    (tests/test_model.py holds it to that).
     """
 
     def __init__(self, input_size: int, hidden_sizes: Sequence[int], dropout: float = 0.0):
@@ -198,6 +199,12 @@ class Decoder(nn.Module):
         Returns:
             logits (batch, tgt_len, vocab), attention weights (batch, tgt_len, src_len).
         """
+        vectors, weights = self.attentional_vectors(tgt_in, state, memory)
+        return self.logits(vectors), weights  # one output projection for all steps
+
+    def attentional_vectors(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing up to the output layer: (batch, tgt_len, output_size), weights (batch, tgt_len, src_len)."""
         # Embed all steps at once: one embedding backward instead of one dense
         # (vocab, emb) gradient per step.
         embedded = self.dropout(self.embedding(tgt_in))  # (batch, tgt_len, emb)
@@ -206,12 +213,18 @@ class Decoder(nn.Module):
             # sequence through fused LSTM kernels and attend for all steps at once
             tops = self.cells.over_time(embedded, state.hidden)            # (batch, tgt_len, top)
             context, weights = self.attention(tops, memory.keys, memory.values, memory.mask)
-            attn_vecs = torch.tanh(self.combine(torch.cat([context, tops], dim=-1)))  # (batch, tgt_len, out)
-            return self.logits(attn_vecs), weights
+            return torch.tanh(self.combine(torch.cat([context, tops], dim=-1))), weights  # (batch, tgt_len, out)
+        # `_step` over every step as one autograd node with its backward written out
+        # (bptt.py): the same numbers, a fraction of the time
+        return teacher_forced(self, embedded, state.hidden, state.feed, memory)
+
+    def forward_stepwise(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` with input feeding as a plain loop over `_step`: the reference bptt.py is held to."""
+        embedded = self.dropout(self.embedding(tgt_in))  # (batch, tgt_len, emb)
         vectors, weights = [], []
         for t in range(tgt_in.size(1)):
             attn_vec, state, w = self._step(embedded[:, t], state, memory)
             vectors.append(attn_vec)
             weights.append(w)
-        # one big output projection for all steps instead of one per step
         return self.logits(torch.stack(vectors, dim=1)), torch.stack(weights, dim=1)

@@ -111,6 +111,7 @@ def model_card(path: str | Path) -> dict:
         "epoch": meta.get("epoch"),
         "global_step": meta.get("global_step"),
         "train_seconds": meta.get("train_seconds"),
+        "precision": meta.get("precision"),
         "averaged_from": meta.get("averaged_from"),
         "decoding": dict(meta["decoding"]) if meta.get("decoding") else None,
         "versions": {"seq2seq": meta.get("seq2seq_version"), "torch": meta.get("torch_version"),
@@ -163,8 +164,9 @@ def format_card(card: dict) -> str:
         ("tokenizer", _tokenizer_line(card["tokenizer"])),
         ("best validation", _best_line(card["best_val"], card["averaged_from"])),
         ("decoding", _decoding_line(card.get("decoding"))),
-        ("trained", f"{_duration(card['train_seconds'])}; saved at epoch {card['epoch']}, step {card['global_step']}"
-         if card["epoch"] is not None else _duration(card["train_seconds"])),
+        ("trained", (f"{_duration(card['train_seconds'])}; saved at epoch {card['epoch']}, step {card['global_step']}"
+                     if card["epoch"] is not None else _duration(card["train_seconds"]))
+         + (f"; precision {card['precision']}" if card.get("precision") else "")),
         ("versions", f"seq2seq {v['seq2seq'] or '?'}, torch {v['torch'] or '?'}, lightning {v['lightning'] or '?'}"),
     ]
     if card["averaged_from"]:

@@ -153,6 +153,18 @@ class Seq2Seq(nn.Module):
         memory, state = self.encode(src, src_len)
         return self.decoder(tgt_in, state, memory)
 
+    def token_logits(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing scored where there is a target token: logits (tokens, vocab), targets (tokens,).
+
+        The output layer, the largest product of a training step, skips the padding
+        positions of `tgt_out` (batch, tgt_len) instead of computing them to ignore them.
+        """
+        memory, state = self.encode(src, src_len)
+        vectors, _ = self.decoder.attentional_vectors(tgt_in, state, memory)  # (batch, tgt_len, out)
+        real = tgt_out != PAD_ID                                               # (batch, tgt_len)
+        return self.decoder.logits(vectors[real]), tgt_out[real]               # (tokens, vocab), (tokens,)
+
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

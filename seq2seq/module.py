@@ -8,18 +8,32 @@ from collections.abc import Sequence
 
 import lightning as L
 import torch
-from torch import nn
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from . import __version__
 from .checkpoint import payload
 from .data import Batch
+from .loss import label_smoothed_nll
 from .metrics import corpus_scores
 from .model import ModelConfig, Seq2Seq
 from .schedule import annealed_lr, budget_progress
 from .search import greedy_search, max_lengths
-from .tokenizer import PAD_ID, Tokenizer
+from .tokenizer import Tokenizer
 
 SCHEDULERS = ("plateau", "anneal", "none")
+
+
+def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, int]:
+    """Summed label-smoothed cross-entropy of a batch's target tokens, and their count."""
+    logits, targets = model.token_logits(batch.src, batch.src_len, batch.tgt_in, batch.tgt_out)  # (tokens, vocab)
+    return label_smoothed_nll(logits, targets, label_smoothing), targets.numel()
+
+
+def adam(params, lr: float, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, *,
+         fused: bool = True) -> torch.optim.Adam:
+    """Adam, by default with torch's fused kernel: one pass over each parameter instead of one per update term."""
+    return torch.optim.Adam(params, lr=lr, betas=tuple(betas), weight_decay=weight_decay, fused=fused)
 
 
 class TranslationModule(L.LightningModule):
@@ -60,8 +74,6 @@ class TranslationModule(L.LightningModule):
         self.valid_references = list(valid_references) if valid_references is not None else None
         self.run_config = run_config or {}
         self.meta = dict(meta or {})
-        self.loss_fn = nn.CrossEntropyLoss(ignore_index=PAD_ID, label_smoothing=label_smoothing,
-                                           reduction="sum")
         self._val_hyps: dict[int, str] = {}
         self._val_loss = [0.0, 0]
         self._fit_started = None
@@ -69,10 +81,7 @@ class TranslationModule(L.LightningModule):
     # ---- training ---------------------------------------------------------------
 
     def _loss(self, batch: Batch) -> tuple[torch.Tensor, int]:
-        logits, _ = self.model(batch.src, batch.src_len, batch.tgt_in)  # (batch, tgt_len, vocab)
-        n_tokens = int((batch.tgt_out != PAD_ID).sum())
-        loss = self.loss_fn(logits.reshape(-1, logits.size(-1)).float(), batch.tgt_out.reshape(-1))
-        return loss, n_tokens
+        return batch_loss(self.model, batch, self.hparams.label_smoothing)
 
     def training_step(self, batch: Batch, batch_idx: int) -> torch.Tensor:
         loss_sum, n_tokens = self._loss(batch)
@@ -160,8 +169,9 @@ class TranslationModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        optimizer = torch.optim.Adam(self.parameters(), lr=hp.lr, betas=tuple(hp.betas),
-                                     weight_decay=hp.weight_decay)
+        # float16's gradient scaler would have a fused Adam unscale inside step(), after clipping
+        fused = self._grad_scaler() is None
+        optimizer = adam(self.parameters(), hp.lr, hp.betas, hp.weight_decay, fused=fused)
         if hp.scheduler in ("none", "anneal"):  # anneal: set before each batch (on_train_batch_start)
             return optimizer
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -169,6 +179,18 @@ class TranslationModule(L.LightningModule):
         return {"optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu", "interval": "epoch",
                                  "strict": False}}
+
+    def _grad_scaler(self):
+        return getattr(self.trainer.precision_plugin, "scaler", None)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val and isinstance(self.trainer.precision_plugin, MixedPrecision) and self._grad_scaler() is None:
+            # bf16-mixed has no gradient scaler, so clipping before a fused Adam step is sound;
+            # Lightning's mixed-precision plugin refuses it for any fused optimizer all the same
+            Precision.clip_gradients(self.trainer.precision_plugin, optimizer, gradient_clip_val,
+                                     gradient_clip_algorithm or GradClipAlgorithmType.NORM)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---- checkpoint payload ---------------------------------------------------------
 

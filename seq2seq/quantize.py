@@ -1,4 +1,9 @@
-"""Decoding precision: float32, bfloat16 weights, or the decoder's matrices in int8 on CPU.
+"""Decoding precision: auto, float32, bfloat16 weights, or the decoder's matrices in int8 on CPU.
+
+`auto` (the command lines' default) is bfloat16 where the device multiplies bfloat16
+matrices in hardware (a CPU with AVX512_BF16 or AMX, a GPU that supports it) and
+float32 elsewhere; training's `trainer.precision=auto` follows the same rule
+(`auto_precision`).
 
 `bfloat16` casts a copy of the whole model to bfloat16: every matrix product and LSTM
 runs in bfloat16 (on CPUs with bfloat16 dot-product instructions, AVX512_BF16 or AMX,
@@ -43,12 +48,13 @@ from torch import nn
 from .ensemble import Ensemble
 from .model import Seq2Seq
 
-PRECISIONS = ("float32", "bfloat16", "int8")
+PRECISIONS = ("auto", "float32", "bfloat16", "int8")
 _HALF_RANGE = 63  # inputs map to quint8 64 +- 63: 7 bits
 log = logging.getLogger(__name__)
 
 
 def check_precision(precision: str, device: str | torch.device = "cpu") -> None:
+    """A ValueError naming the value and the choices for a precision this device cannot use."""
     if precision not in PRECISIONS:
         raise ValueError(f"Unknown precision {precision!r}; choose one of: {', '.join(PRECISIONS)}")
     if precision == "int8" and torch.device(device).type != "cpu":
@@ -172,8 +178,10 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
 
 # /proc/cpuinfo flags of x86 bfloat16 instructions: dot products (avx512_bf16, amx_bf16) and the
 # AVX2-level conversions (avx_ne_convert). A CPU with any of them is not refused; one with none
-# of them has no bfloat16 kernels for the LSTM at all.
+# of them has no bfloat16 kernels for the LSTM at all. Only the dot products make bfloat16
+# faster than float32, so only they make `auto` choose it.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
+BF16_COMPUTE_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
 def cpu_fields() -> dict[str, str] | None:
@@ -199,9 +207,26 @@ def cpu_has_bfloat16() -> bool | None:
     return any(f in BF16_FLAGS for f in fields.get("flags", "").split())
 
 
+def auto_precision(device: str | torch.device = "cpu") -> str:
+    """"bfloat16" where `device` multiplies bfloat16 matrices in hardware, else "float32"."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        fields = cpu_fields() or {}
+        return "bfloat16" if any(f in BF16_COMPUTE_FLAGS for f in fields.get("flags", "").split()) else "float32"
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    return "float32"
+
+
+def resolve_precision(precision: str, device: str | torch.device = "cpu") -> str:
+    """`precision`, with "auto" replaced by what it means on `device`."""
+    check_precision(precision, device)
+    return auto_precision(device) if precision == "auto" else precision
+
+
 def for_precision(model: nn.Module, precision: str, device: str | torch.device = "cpu") -> nn.Module:
     """`model` itself for float32; a bfloat16 or quantized copy otherwise (every member of an ensemble)."""
-    check_precision(precision, device)
+    precision = resolve_precision(precision, device)
     if precision == "float32":
         return model
     if precision == "bfloat16":

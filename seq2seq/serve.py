@@ -360,9 +360,10 @@ def serve_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
     p.add_argument("--port", type=int, default=8000, help="(default: 8000)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
-    p.add_argument("--precision", choices=PRECISIONS, default="float32",
-                   help="bfloat16: the weights in bfloat16 (fast on CPUs with AVX512_BF16 or AMX); int8: the "
-                        "decoder's matrices in int8 (CPU only; default: float32)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="auto: bfloat16 where the CPU has AVX512_BF16 or AMX (or the GPU supports it), else "
+                        "float32; bfloat16: the weights in bfloat16; int8: the decoder's matrices in int8 "
+                        "(CPU only; default: auto)")
     p.add_argument("--max-source-len", type=int, default=250,
                    help="longer inputs are cropped to this many subwords, with a warning")
     g = p.add_argument_group("batching")

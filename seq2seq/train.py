@@ -35,7 +35,7 @@ from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
 from .model import ModelConfig
 from .module import SCHEDULERS, TranslationModule
-from .quantize import BF16_FLAGS, cpu_has_bfloat16
+from .quantize import BF16_FLAGS, auto_precision, cpu_has_bfloat16
 from .throughput import TokensPerSecond
 from .tokenizer import Tokenizer, train_tokenizer
 from .translate import SearchOptions, Translator
@@ -142,17 +142,32 @@ def check_config(cfg: DictConfig) -> ModelConfig:
     return model_config
 
 
+def _trains_on_cpu(trainer: DictConfig) -> bool:
+    accelerator = str(trainer.get("accelerator", "auto"))
+    return accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
+                                    and not torch.backends.mps.is_available())
+
+
+def training_precision(trainer: DictConfig) -> str:
+    """trainer.precision for Lightning: `auto` becomes bf16-mixed where the device multiplies
+    bfloat16 matrices in hardware (quantize.auto_precision), 32-true elsewhere."""
+    precision = str(trainer.get("precision", "auto"))
+    if precision != "auto":
+        return precision
+    on_cpu = _trains_on_cpu(trainer)
+    if not on_cpu and not torch.cuda.is_available():
+        return "32-true"
+    return "bf16-mixed" if auto_precision("cpu" if on_cpu else "cuda") == "bfloat16" else "32-true"
+
+
 def check_precision_here(trainer: DictConfig) -> None:
     """bfloat16 training on a CPU needs bfloat16 instructions: without them oneDNN has no
     bfloat16 LSTM and fails at the first step with an opaque message; say so up front."""
-    precision = str(trainer.get("precision", "32-true"))
-    accelerator = str(trainer.get("accelerator", "auto"))
-    on_cpu = accelerator == "cpu" or (accelerator == "auto" and not torch.cuda.is_available()
-                                      and not torch.backends.mps.is_available())
-    if precision.startswith("bf16") and on_cpu and cpu_has_bfloat16() is False:
+    precision = training_precision(trainer)
+    if precision.startswith("bf16") and _trains_on_cpu(trainer) and cpu_has_bfloat16() is False:
         raise InputError(f"trainer.precision={precision} on this CPU: it has no bfloat16 instructions "
                          f"({', '.join(BF16_FLAGS)}), so PyTorch's LSTM cannot run in bfloat16 here; "
-                         f"use trainer.precision=32-true (the default), or a CPU with them, or a GPU")
+                         f"use trainer.precision=32-true (or auto, the default), or a CPU with them, or a GPU")
 
 
 def build_tokenizers(cfg: DictConfig, resume_from: Path | None) -> tuple[Tokenizer, Tokenizer]:
@@ -403,6 +418,10 @@ def train(cfg: DictConfig) -> dict:
     """Train, keep the best checkpoint by validation BLEU, export it, score the test split."""
     run_dir = Path(cfg.paths.output_dir)
     model_cfg = check_config(cfg)
+    precision = training_precision(cfg.trainer)
+    if precision != cfg.trainer.precision:
+        log.info("trainer.precision=%s: %s on this machine", cfg.trainer.precision, precision)
+        cfg.trainer.precision = precision
     keep_freed_memory()
     L.seed_everything(cfg.seed, workers=True)
     resume = find_resume(cfg, run_dir)
@@ -425,7 +444,7 @@ def train(cfg: DictConfig) -> dict:
         src_tokenizer=src_tok, tgt_tokenizer=tgt_tok, valid_references=read_lines(valid_tgt),
         run_config=plain_cfg,
         meta={"src_lang": cfg.data.src_lang, "tgt_lang": cfg.data.tgt_lang, "data": cfg.data.name,
-              "train_files": [str(train_src), str(train_tgt)]})
+              "train_files": [str(train_src), str(train_tgt)], "precision": precision})
     log.info("model: %d parameters; vocabulary %d/%d", module.model.num_parameters(), len(src_tok), len(tgt_tok))
 
     ckpt_dir = run_dir / "checkpoints"
@@ -450,7 +469,7 @@ def train(cfg: DictConfig) -> dict:
     best_path = Path(best.best_model_path) if best.best_model_path else ckpt_dir / "last.ckpt"
     summary = {"run_dir": str(run_dir), "best_checkpoint": str(best_path),
                "best_val_bleu": float(best.best_model_score) if best.best_model_score is not None else None,
-               "parameters": module.model.num_parameters(), "fit_seconds": wall,
+               "parameters": module.model.num_parameters(), "precision": precision, "fit_seconds": wall,
                "epochs": trainer.current_epoch, "steps": trainer.global_step}
     if best_path.is_file():
         # the slim model: weights + tokenizer + config, no optimizer state

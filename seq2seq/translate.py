@@ -26,7 +26,7 @@ from .cpu import keep_freed_memory
 from .data import collate
 from .ensemble import Ensemble, load_models
 from .model import Seq2Seq
-from .quantize import check_precision, for_precision
+from .quantize import check_precision, for_precision, resolve_precision
 from .search import BeamSearch, Hypothesis, SearchOptions, forced_log_probs, max_lengths, normalise, search
 from .tokenizer import Tokenizer
 from .tune import stored_alpha
@@ -68,8 +68,8 @@ class Translator:
                  max_source_len: int = 250, precision: str = "float32"):
         keep_freed_memory()
         self.device = torch.device(device)
-        self.precision = precision
-        self.model = for_precision(model.to(self.device).eval(), precision, self.device)
+        self.precision = resolve_precision(precision, self.device)  # "auto" -> what it is here
+        self.model = for_precision(model.to(self.device).eval(), self.precision, self.device)
         self.src_tokenizer, self.tgt_tokenizer = src_tokenizer, tgt_tokenizer
         self.info = info or {}
         if max_source_len < 1:
@@ -85,7 +85,7 @@ class Translator:
                         max_source_len: int = 250, precision: str = "float32") -> Translator:
         """A checkpoint, or a list of them: an ensemble averaging their log-probabilities.
 
-        precision: "float32", "bfloat16" or "int8" (CPU only); quantize.py says what they change.
+        precision: "auto", "float32", "bfloat16" or "int8" (CPU only); quantize.py says what they change.
         """
         check_precision(precision, device)  # before the (slow) load
         paths = [path] if isinstance(path, (str, Path)) else list(path)

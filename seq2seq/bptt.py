@@ -1,0 +1,304 @@
+"""Teacher-forced training of the input-feeding decoder, with backpropagation through time written out.
+
+With input feeding, step t+1 reads step t's attentional vector, so training loops over
+target steps. Left to autograd, every step records some forty small operations and,
+in the backward pass, computes each weight's gradient from that step's batch alone:
+matrix products whose inner dimension is the batch (128), which a CPU runs far from
+its peak, plus autograd's bookkeeping for each of them. `TeacherForced` runs the same
+computation (`Decoder._step` over all steps: the LSTMCell stack, attention, the
+combine layer) as one autograd node:
+
+- the embedding's share of the first cell's gates is one product for all steps;
+- each step's cell input [previous attentional vector; previous h] is written into a
+  time-major buffer, so a step's gates are one product with the concatenated weights;
+- the backward pass keeps each step's gate, combine and query gradients and forms
+  every weight gradient with one product over all steps (inner dimension steps x batch),
+  as fused RNN kernels do; gradients of the encoder outputs likewise.
+
+Precision: under CPU/GPU autocast to bfloat16 (Lightning's `bf16-mixed`), the matrix
+products and the attention energies run in bfloat16 with the weights cast once per
+call, while the LSTM cell state, gate nonlinearities, softmax and every accumulated
+gradient stay in float32 (float32 master weights are the optimiser's). Otherwise
+everything runs in the inputs' dtype. tests/test_bptt.py holds outputs and every
+gradient to those of the step-by-step decoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What the function needs besides tensors."""
+
+    hidden_sizes: tuple[int, ...]  # per cell layer
+    attention: str                 # "bahdanau" | "dot" | "general"
+    dropout: float                 # between cell layers (training only)
+    dtype: torch.dtype             # of the matrix products
+
+
+def _mm_dtype(x: torch.Tensor) -> torch.dtype:
+    """bfloat16/float16 under autocast (for float32 inputs), else the inputs' own dtype."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, memory
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Decoder._step` over all target steps; returns what the step-by-step loop stacks.
+
+    Args:
+        decoder: the `Decoder` whose cells, attention and combine layer are used.
+        embedded: (batch, steps, emb) dropped-out target embeddings.
+        hidden: initial (h, c) of every layer, each (batch, hidden_l).
+        feed: (batch, output_size) the initial attentional vector.
+        memory: `Memory` (values (batch, src_len, enc_out), keys, mask (batch, src_len)).
+    Returns:
+        attentional vectors (batch, steps, output_size) and attention weights
+        (batch, steps, src_len); the weights carry no gradient.
+    """
+    cells = decoder.cells.cells
+    attention = decoder.attention
+    kind = {"BahdanauAttention": "bahdanau", "DotAttention": "dot", "GeneralAttention": "general"}[
+        type(attention).__name__]
+    p = decoder.cells.dropout.p if decoder.cells.training else 0.0
+    spec = Spec(tuple(c.hidden_size for c in cells), kind, p, _mm_dtype(embedded))
+    tensors = [t for h, c in hidden for t in (h, c)]
+    for cell in cells:
+        tensors += [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
+    if kind == "bahdanau":
+        tensors += [attention.query_layer.weight, attention.energy_layer.weight]
+    tensors.append(decoder.combine.weight)
+    return TeacherForced.apply(spec, embedded, feed, memory.values, memory.keys, memory.mask, *tensors)
+
+
+class TeacherForced(torch.autograd.Function):
+    """Arguments: spec, embedded, feed, values, keys, mask, then per layer h0, c0, then per
+    layer W_ih, W_hh, b_ih, b_hh, then (bahdanau) W_query, v, then W_combine."""
+
+    @staticmethod
+    def forward(ctx, spec: Spec, embedded, feed, values, keys, mask, *tensors):
+        with torch.autocast(embedded.device.type, enabled=False):
+            return _forward(ctx, spec, embedded, feed, values, keys, mask, tensors)
+
+    @staticmethod
+    def backward(ctx, d_vectors, d_weights):
+        with torch.autocast(d_vectors.device.type, enabled=False):
+            return (None, *_backward(ctx, d_vectors))
+
+
+def _unpack(spec: Spec, tensors):
+    n = len(spec.hidden_sizes)
+    states = [(tensors[2 * i], tensors[2 * i + 1]) for i in range(n)]
+    params = [tuple(tensors[2 * n + 4 * i: 2 * n + 4 * i + 4]) for i in range(n)]
+    rest = tensors[6 * n:]
+    att = tuple(rest[:2]) if spec.attention == "bahdanau" else ()
+    return states, params, att, rest[-1]
+
+
+def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
+    states, params, att, w_combine = _unpack(spec, tensors)
+    cdt, f32 = spec.dtype, torch.promote_types(spec.dtype, torch.float32)
+    batch, steps, emb_size = embedded.shape
+    sizes = spec.hidden_sizes
+    out_size = feed.size(1)
+    in_sizes = [out_size] + list(sizes[:-1])  # per layer, besides the embedding for layer 0
+    top = sizes[-1]
+    value_size = values.size(2)
+    dev = embedded.device
+
+    # layer 0: the embedding's share of the gates for all steps at once, biases included
+    w_ih0, _, b_ih0, b_hh0 = params[0]
+    emb_t = embedded.transpose(0, 1).reshape(steps * batch, emb_size).to(cdt)   # (steps*batch, emb)
+    w_emb = w_ih0[:, :emb_size].to(cdt)                                            # (4h0, emb)
+    pre0 = torch.addmm((b_ih0 + b_hh0).to(cdt), emb_t, w_emb.t()).view(steps, batch, -1)  # (steps, batch, 4h0)
+    # per layer: [input; h] @ [W_ih; W_hh]^T, the input being the previous attentional vector for layer 0
+    w_cat = [torch.cat([(w_ih[:, emb_size:] if i == 0 else w_ih), w_hh], 1).to(cdt)
+             for i, (w_ih, w_hh, _, _) in enumerate(params)]                        # (4h, in + h)
+    biases = [None] + [(b_ih + b_hh).to(cdt) for _, _, b_ih, b_hh in params[1:]]
+    z = [torch.empty(steps + 1, batch, in_sizes[i] + sizes[i], dtype=cdt, device=dev)
+         for i in range(len(sizes))]                                               # cell inputs per step
+    cs = [torch.empty(steps + 1, batch, sizes[i], dtype=f32, device=dev) for i in range(len(sizes))]
+    acts = [torch.empty(steps, batch, 4 * sizes[i], dtype=f32, device=dev) for i in range(len(sizes))]
+    tanh_c = [torch.empty(steps, batch, sizes[i], dtype=f32, device=dev) for i in range(len(sizes))]
+    z[0][0, :, :out_size] = feed
+    for i, (h0, c0) in enumerate(states):
+        z[i][0, :, in_sizes[i]:] = h0
+        cs[i][0] = c0
+    drop = None
+    if spec.dropout > 0 and len(sizes) > 1:
+        keep = 1.0 - spec.dropout
+        drop = [None] + [torch.empty(steps, batch, sizes[i - 1], dtype=f32, device=dev).bernoulli_(keep).div_(keep)
+                         for i in range(1, len(sizes))]                            # (steps, batch, h_below)
+
+    values_c, keys_c = values.to(cdt), keys.to(cdt)
+    masked = ~mask                                                                 # (batch, src_len)
+    weights = torch.empty(steps, batch, values.size(1), dtype=f32, device=dev)     # attention per step
+    combined = torch.empty(steps, batch, value_size + top, dtype=cdt, device=dev)  # [context; top] per step
+    w_comb = w_combine.to(cdt)                                                     # (out, enc_out + top)
+    if spec.attention == "bahdanau":
+        w_query = att[0].to(cdt)                                                   # (att, top)
+        v = att[1].to(cdt).view(-1, 1)                                             # (att, 1)
+        queries = torch.empty(steps, batch, w_query.size(0), dtype=cdt, device=dev)
+    else:
+        queries = None
+        keys_t = keys_c.transpose(1, 2)                                            # (batch, key_dim, src_len)
+    vectors = torch.empty(steps, batch, out_size, dtype=f32, device=dev)
+
+    for t in range(steps):
+        for i, h in enumerate(sizes):
+            if i == 0:
+                gates = torch.addmm(pre0[t], z[0][t], w_cat[0].t())               # (batch, 4h)
+            else:
+                gates = torch.addmm(biases[i], z[i][t], w_cat[i].t())
+            act = acts[i][t]
+            torch.sigmoid(gates[:, :2 * h], out=act[:, :2 * h])
+            torch.tanh(gates[:, 2 * h:3 * h], out=act[:, 2 * h:3 * h])
+            torch.sigmoid(gates[:, 3 * h:], out=act[:, 3 * h:])
+            gate_i, gate_f, gate_g, gate_o = act.split(h, 1)
+            c = torch.mul(gate_f, cs[i][t], out=cs[i][t + 1]).addcmul_(gate_i, gate_g)  # (batch, h)
+            tc = torch.tanh(c, out=tanh_c[i][t])
+            h_new = gate_o * tc                                                    # (batch, h)
+            z[i][t + 1, :, in_sizes[i]:] = h_new
+            if i + 1 < len(sizes):
+                z[i + 1][t, :, :in_sizes[i + 1]] = h_new if drop is None else h_new * drop[i + 1][t]
+        query = z[-1][t + 1, :, in_sizes[-1]:]                                     # (batch, top) in cdt
+        if spec.attention == "bahdanau":
+            q = torch.mm(query, w_query.t(), out=queries[t])                       # (batch, att)
+            energy = torch.add(keys_c, q.unsqueeze(1)).tanh_()                     # (batch, src_len, att)
+            scores = torch.mm(energy.view(-1, energy.size(2)), v).view(batch, -1)  # (batch, src_len)
+        else:
+            scores = torch.bmm(query.unsqueeze(1), keys_t).squeeze(1)              # (batch, src_len)
+        scores = scores.to(f32).masked_fill_(masked, float("-inf"))
+        alpha = weights[t]
+        alpha.copy_(torch.softmax(scores, dim=-1))                                 # (batch, src_len)
+        row = combined[t]
+        torch.bmm(alpha.to(cdt).unsqueeze(1), values_c, out=row[:, :value_size].unsqueeze(1))  # context
+        row[:, value_size:] = query
+        vec = torch.tanh(torch.mm(row, w_comb.t()).to(f32), out=vectors[t])        # (batch, out)
+        z[0][t + 1, :, :out_size] = vec
+
+    ctx.spec, ctx.shapes = spec, (batch, steps, emb_size, out_size, in_sizes, value_size)
+    ctx.input_dtypes = (embedded.dtype, feed.dtype, values.dtype, keys.dtype)
+    ctx.param_dtypes = [t.dtype for t in tensors]
+    ctx.drop = drop
+    extra = (w_query, v) if spec.attention == "bahdanau" else ()
+    ctx.save_for_backward(emb_t, values_c, keys_c, weights, combined, vectors,
+                          queries if queries is not None else weights, w_emb, w_comb,
+                          *extra, *w_cat, *z, *cs, *acts, *tanh_c)
+    ctx.mark_non_differentiable(weights)
+    return vectors.to(cdt).transpose(0, 1), weights.transpose(0, 1)                # (batch, steps, ·)
+
+
+def _backward(ctx, d_vectors):
+    spec = ctx.spec
+    batch, steps, emb_size, out_size, in_sizes, value_size = ctx.shapes
+    sizes = spec.hidden_sizes
+    n = len(sizes)
+    saved = list(ctx.saved_tensors)
+    emb_t, values_c, keys_c, weights, combined, vectors, queries, w_emb, w_comb = saved[:9]
+    rest = saved[9:]
+    bahdanau = spec.attention == "bahdanau"
+    if bahdanau:
+        w_query, v = rest[:2]
+        rest = rest[2:]
+    w_cat, z, cs, acts, tanh_c = (rest[k * n:(k + 1) * n] for k in range(5))
+    cdt = spec.dtype
+    f32 = torch.promote_types(cdt, torch.float32)
+    dev = d_vectors.device
+    top = sizes[-1]
+
+    d_vec = d_vectors.transpose(0, 1).to(f32)                                      # (steps, batch, out)
+    d_gates = [torch.empty(steps, batch, 4 * h, dtype=cdt, device=dev) for h in sizes]
+    d_comb_pre = torch.empty(steps, batch, out_size, dtype=cdt, device=dev)        # before the combine tanh
+    d_combined = torch.empty(steps, batch, value_size + top, dtype=cdt, device=dev)
+    if bahdanau:
+        d_queries = torch.empty(steps, batch, w_query.size(0), dtype=cdt, device=dev)
+        d_keys = torch.zeros(keys_c.shape, dtype=f32, device=dev)
+        d_v = torch.zeros(1, v.size(0), dtype=f32, device=dev)
+    else:
+        d_scores_all = torch.empty(steps, batch, keys_c.size(1), dtype=cdt, device=dev)
+    d_h = [torch.zeros(batch, h, dtype=f32, device=dev) for h in sizes]            # from step t+1
+    d_c = [torch.zeros(batch, h, dtype=f32, device=dev) for h in sizes]
+    d_feed = torch.zeros(batch, out_size, dtype=f32, device=dev)
+
+    for t in reversed(range(steps)):
+        vec = vectors[t]
+        d_pre = (d_vec[t] + d_feed).mul_(1 - vec * vec)                             # (batch, out)
+        d_comb_pre[t] = d_pre
+        d_row = torch.mm(d_comb_pre[t], w_comb, out=d_combined[t])                 # (batch, enc_out + top)
+        d_context = d_row[:, :value_size]
+        d_top = d_row[:, value_size:].to(f32)
+        alpha = weights[t]                                                         # (batch, src_len)
+        d_alpha = torch.bmm(values_c, d_context.unsqueeze(2)).squeeze(2).to(f32)   # (batch, src_len)
+        d_scores = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))      # (batch, src_len)
+        if bahdanau:
+            ds = d_scores.to(cdt)
+            energy = torch.add(keys_c, queries[t].unsqueeze(1)).tanh_()            # (batch, src_len, att)
+            d_v.add_(torch.mm(ds.view(1, -1), energy.view(-1, energy.size(2))))
+            dsv = ds.unsqueeze(2) * v.view(1, 1, -1)                               # (batch, src_len, att)
+            d_energy = torch.addcmul(dsv, dsv, energy.square_(), value=-1)         # through tanh
+            d_keys.add_(d_energy)
+            d_q = torch.sum(d_energy, 1, out=d_queries[t])                          # (batch, att)
+            d_top.add_(torch.mm(d_q, w_query))
+        else:
+            d_scores_all[t] = d_scores
+            d_top.add_(torch.bmm(d_scores_all[t].unsqueeze(1), keys_c).squeeze(1))
+        d_top.add_(d_h[-1])
+        d_below = d_top
+        for i in reversed(range(n)):
+            h = sizes[i]
+            gate_i, gate_f, gate_g, gate_o = acts[i][t].split(h, 1)
+            tc = tanh_c[i][t]
+            dh = d_below
+            dc = (dh * gate_o).mul_(1 - tc * tc).add_(d_c[i])                       # (batch, h)
+            dg = d_gates[i][t]
+            dg[:, :h] = dc * gate_g * gate_i * (1 - gate_i)
+            dg[:, h:2 * h] = dc * cs[i][t] * gate_f * (1 - gate_f)
+            dg[:, 2 * h:3 * h] = dc * gate_i * (1 - gate_g * gate_g)
+            dg[:, 3 * h:] = dh * tc * gate_o * (1 - gate_o)
+            d_c[i] = dc.mul_(gate_f)
+            d_in = torch.mm(dg, w_cat[i]).to(f32)                                   # (batch, in + h)
+            d_h[i] = d_in[:, in_sizes[i]:]
+            if i > 0:
+                d_input = d_in[:, :in_sizes[i]]
+                if ctx.drop is not None:
+                    d_input = d_input * ctx.drop[i][t]
+                d_below = d_input + d_h[i - 1]
+            else:
+                d_feed = d_in[:, :out_size]
+
+    def flat(x):
+        return x.reshape(steps * batch, -1)
+
+    grads_params = []
+    for i in range(n):
+        dg = flat(d_gates[i])                                                      # (steps*batch, 4h)
+        d_wcat = torch.mm(dg.t(), flat(z[i][:steps])).to(f32)                      # (4h, in + h)
+        d_b = dg.to(f32).sum(0)                                                    # (4h,)
+        d_wih = d_wcat[:, :in_sizes[i]]
+        if i == 0:
+            d_wih = torch.cat([torch.mm(dg.t(), emb_t).to(f32), d_wih], 1)         # (4h, emb + out)
+        grads_params += [d_wih, d_wcat[:, in_sizes[i]:], d_b, d_b.clone()]
+    d_emb = torch.mm(flat(d_gates[0]), w_emb).view(steps, batch, emb_size).transpose(0, 1)  # (batch, steps, emb)
+    tops = combined[:, :, value_size:].transpose(0, 1)                             # (batch, steps, top)
+    weights_c = weights.permute(1, 2, 0).to(cdt)                                   # (batch, src_len, steps)
+    d_values = torch.bmm(weights_c, d_combined[:, :, :value_size].transpose(0, 1))  # (batch, src_len, enc_out)
+    att_grads = []
+    if bahdanau:
+        d_wq = torch.mm(flat(d_queries).t(), flat(combined[:, :, value_size:]))    # (att, top)
+        att_grads = [d_wq, d_v]
+    else:
+        d_keys = torch.bmm(d_scores_all.permute(1, 2, 0), tops)                    # (batch, src_len, key_dim)
+    d_wcomb = torch.mm(flat(d_comb_pre).t(), flat(combined))                       # (out, enc_out + top)
+    d_states = [(d_h[i], d_c[i]) for i in range(n)]
+
+    emb_dt, feed_dt, values_dt, keys_dt = ctx.input_dtypes
+    grads = [d_emb.to(emb_dt), d_feed.to(feed_dt), d_values.to(values_dt), d_keys.to(keys_dt), None]
+    grads += [g for hc in d_states for g in hc] + grads_params + att_grads + [d_wcomb]
+    return [g if g is None or k < 5 else g.to(ctx.param_dtypes[k - 5]) for k, g in enumerate(grads)]

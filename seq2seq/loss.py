@@ -1,0 +1,73 @@
+"""Label-smoothed cross-entropy over the vocabulary, computed a cache-sized block of rows at a time.
+
+The value is `nn.CrossEntropyLoss(label_smoothing=eps, reduction="sum")`'s (the tests hold
+it to that, value and gradient). That module materialises float32 log-probabilities of
+every (token, vocabulary) cell, then a gradient buffer, a smoothing term and a copy,
+each a pass over tens of megabytes: on a 2-core CPU those passes cost as much as the
+output layer's matrix products in bfloat16. Here each block of rows is read, turned
+into float32, reduced and, in the backward pass, turned into its gradient while it is
+still in cache; only the per-row log-sum-exp is kept between the passes, and the
+gradient is written straight in the logits' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK_BYTES = 4 << 20  # float32 bytes of one block of rows: fits the last-level cache of a small CPU
+
+
+def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Sum over rows of (1 - eps) * -log p(target) + eps * mean over the vocabulary of -log p.
+
+    Args:
+        logits: (rows, vocab), any float dtype (bfloat16 logits are read as float32).
+        target: (rows,) class indices; every row counts (select real tokens beforehand).
+        smoothing: eps in [0, 1).
+    Returns:
+        a float32 scalar (float64 for float64 logits).
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(f"logits must be (rows, vocab) and target (rows,), got {tuple(logits.shape)} "
+                         f"and {tuple(target.shape)}")
+    if not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
+    return _LabelSmoothedNLL.apply(logits, target, float(smoothing))
+
+
+def _blocks(rows: int, vocab: int):
+    step = max(1, BLOCK_BYTES // (4 * max(vocab, 1)))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+class _LabelSmoothedNLL(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, smoothing):
+        acc = torch.promote_types(logits.dtype, torch.float32)
+        rows, vocab = logits.shape
+        lse = torch.empty(rows, dtype=acc, device=logits.device)       # (rows,) log-sum-exp
+        per_row = torch.empty(rows, dtype=acc, device=logits.device)   # (rows,) loss of each row
+        for block in _blocks(rows, vocab):
+            x = logits[block].to(acc)                                  # (block, vocab)
+            z = torch.logsumexp(x, 1, out=lse[block])
+            picked = x.gather(1, target[block].unsqueeze(1)).squeeze(1)
+            per_row[block] = z - (1.0 - smoothing) * picked - smoothing * x.mean(1)
+        ctx.save_for_backward(logits, target, lse)
+        ctx.smoothing = smoothing
+        return per_row.sum()
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, target, lse = ctx.saved_tensors
+        eps = ctx.smoothing
+        rows, vocab = logits.shape
+        out = torch.empty_like(logits)                                 # (rows, vocab) in the logits' dtype
+        scale = grad.to(lse.dtype)
+        for block in _blocks(rows, vocab):
+            # d/dx = softmax(x) - (1 - eps) * onehot(target) - eps / vocab
+            p = torch.sub(logits[block].to(lse.dtype), lse[block].unsqueeze(1)).exp_().sub_(eps / vocab)
+            p.scatter_add_(1, target[block].unsqueeze(1),
+                           p.new_full((p.size(0), 1), -(1.0 - eps)))
+            out[block] = p.mul_(scale)
+        return out, None, None
