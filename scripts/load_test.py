@@ -17,10 +17,10 @@ Three phases, one after the other, so they never compete for the CPU:
    seconds have passed or --max-requests requests have been sent. Each request's latency
    is measured from send to the end of its answer. The clients run on the server's
    machine and take CPU from it, so they are kept lean: aiohttp spends about a tenth of
-   httpx's CPU per request (docs/RESULTS.md).
+   httpx's CPU per request (`git show 0e2781f:docs/RESULTS.md`, "Lean clients").
 3. offline again, the same way, once the server is idle (nothing queued, no decoder
    step for 0.5 s: requests the clients gave up on may still be decoding). A small
-   machine's speed drifts by 10% or more over minutes (docs/RESULTS.md), so the ratio is
+   machine's speed drifts by 10% or more over minutes (docs/RESULTS.md, "Speed"), so the ratio is
    taken against the mean of the two offline rates, before and after the load, and both
    are reported.
 

@@ -17,7 +17,7 @@ direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
 src="${direction%_*}"; tgt="${direction#*_}"
 
-bash scripts/setup.sh test
+bash scripts/setup.sh
 . .venv/bin/activate
 
 local_copy="${MULTI30K_DIR:-../shared/data/multi30k}"

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Create .venv and install seq2seq into it (editable), with PyTorch's CPU build.
-# Idempotent: a second run only checks. Usage: bash scripts/setup.sh [extras, e.g. test]
+# Idempotent: a second run only checks.
+#   bash scripts/setup.sh         # what training, translating and serving need
+#   bash scripts/setup.sh test    # also the test extras and, as root on Debian, chromium for the browser test
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-test}"
+extras="${1:-}"
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
@@ -13,7 +15,11 @@ if ! python -c "import torch" 2>/dev/null; then
     python -m pip install --quiet "torch==2.13.0" 2>/dev/null \
         || python -m pip install --quiet "torch>=2.10" --index-url https://download.pytorch.org/whl/cpu
 fi
-python -m pip install --quiet -e ".[${extras}]"
+if [ -n "${extras}" ]; then
+    python -m pip install --quiet -e ".[${extras}]"
+else
+    python -m pip install --quiet -e .
+fi
 # tests/test_browser.py drives Debian's chromium through Playwright (Playwright's own
 # browser download is never used). Install it where we can; elsewhere say how, and in
 # CI stop here rather than let the browser test fail later for want of a package.

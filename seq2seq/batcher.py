@@ -16,13 +16,14 @@ first, up to `max_batch_sentences` in flight in all, in groups: once `join_group
 them can join (or as many as there is room for), or once the oldest has waited
 `join_wait_ms`. A join encodes the newcomers and widens the state and memory of
 everything in flight, so joining a few at a time costs less than one per step (measured
-in docs/RESULTS.md). Each sentence's answer goes out at the step it finishes. Nobody
-waits for the longest sentence of a batch, the decoder never idles while work is
-queued, and no options starve others. A stream never mixes beam sizes or penalties
-(the first sentence of a request that asks for attention goes to a stream that keeps
-it). Padding is masked, so a request's result is the one `translate_hypotheses`
-gives for its sentences offline (up to the last bits of floating-point sums, which
-can vary with the batch shape; the tests check that translations and scores match).
+in `git show 0e2781f:docs/RESULTS.md`, "Joining in groups"). Each sentence's answer goes
+out at the step it finishes. Nobody waits for the longest sentence of a batch, the
+decoder never idles while work is queued, and no options starve others. A stream never
+mixes beam sizes or penalties (the first sentence of a request that asks for attention
+goes to a stream that keeps it). Padding is masked, so a request's result is the one
+`translate_hypotheses` gives for its sentences offline (up to the last bits of
+floating-point sums, which can vary with the batch shape; the tests check that
+translations and scores match).
 
 Only the worker thread touches the model: torch modules are not safe to run from
 several threads at once, and one step at a time is also what keeps a CPU busy

@@ -29,6 +29,10 @@ from dataclasses import dataclass
 
 import torch
 
+# The Bahdanau energies of every step are kept for the backward pass when they take at
+# most this much memory; beyond it (long sentences) each step's are recomputed.
+ENERGY_BUDGET_BYTES = 256 << 20
+
 
 @dataclass(frozen=True)
 class Spec:
@@ -141,10 +145,13 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
     weights = torch.empty(steps, batch, values.size(1), dtype=f32, device=dev)     # attention per step
     combined = torch.empty(steps, batch, value_size + top, dtype=cdt, device=dev)  # [context; top] per step
     w_comb = w_combine.to(cdt)                                                     # (out, enc_out + top)
+    energies = None
     if spec.attention == "bahdanau":
         w_query = att[0].to(cdt)                                                   # (att, top)
         v = att[1].to(cdt).view(-1, 1)                                             # (att, 1)
         queries = torch.empty(steps, batch, w_query.size(0), dtype=cdt, device=dev)
+        if steps * keys_c.numel() * keys_c.element_size() <= ENERGY_BUDGET_BYTES:
+            energies = torch.empty((steps, *keys_c.shape), dtype=cdt, device=dev)  # (steps, batch, src_len, att)
     else:
         queries = None
         keys_t = keys_c.transpose(1, 2)                                            # (batch, key_dim, src_len)
@@ -170,7 +177,8 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
         query = z[-1][t + 1, :, in_sizes[-1]:]                                     # (batch, top) in cdt
         if spec.attention == "bahdanau":
             q = torch.mm(query, w_query.t(), out=queries[t])                       # (batch, att)
-            energy = torch.add(keys_c, q.unsqueeze(1)).tanh_()                     # (batch, src_len, att)
+            energy = torch.add(keys_c, q.unsqueeze(1), out=None if energies is None else energies[t]).tanh_()
+            # energy: (batch, src_len, att)
             scores = torch.mm(energy.view(-1, energy.size(2)), v).view(batch, -1)  # (batch, src_len)
         else:
             scores = torch.bmm(query.unsqueeze(1), keys_t).squeeze(1)              # (batch, src_len)
@@ -187,7 +195,10 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
     ctx.input_dtypes = (embedded.dtype, feed.dtype, values.dtype, keys.dtype)
     ctx.param_dtypes = [t.dtype for t in tensors]
     ctx.drop = drop
-    extra = (w_query, v) if spec.attention == "bahdanau" else ()
+    extra = (w_query, att[1].view(-1).to(f32)) if spec.attention == "bahdanau" else ()
+    ctx.stored_energies, ctx.backward_done = energies is not None, False
+    if energies is not None:
+        extra += (energies,)
     ctx.save_for_backward(emb_t, values_c, keys_c, weights, combined, vectors,
                           queries if queries is not None else weights, w_emb, w_comb,
                           *extra, *w_cat, *z, *cs, *acts, *tanh_c)
@@ -204,23 +215,36 @@ def _backward(ctx, d_vectors):
     emb_t, values_c, keys_c, weights, combined, vectors, queries, w_emb, w_comb = saved[:9]
     rest = saved[9:]
     bahdanau = spec.attention == "bahdanau"
+    energies = None
     if bahdanau:
-        w_query, v = rest[:2]
+        w_query, v = rest[:2]                                                      # v: (att,) float32
         rest = rest[2:]
+        if ctx.stored_energies:
+            energies, rest = rest[0], rest[1:]
     w_cat, z, cs, acts, tanh_c = (rest[k * n:(k + 1) * n] for k in range(5))
     cdt = spec.dtype
     f32 = torch.promote_types(cdt, torch.float32)
     dev = d_vectors.device
     top = sizes[-1]
 
+    if ctx.stored_energies:
+        if ctx.backward_done:
+            raise RuntimeError("TeacherForced's backward pass consumes its stored energies: it runs once "
+                               "(retain_graph=True cannot run it again)")
+        ctx.backward_done = True
+    values_t = values_c.transpose(1, 2)                                            # (batch, enc_out, src_len)
     d_vec = d_vectors.transpose(0, 1).to(f32)                                      # (steps, batch, out)
     d_gates = [torch.empty(steps, batch, 4 * h, dtype=cdt, device=dev) for h in sizes]
     d_comb_pre = torch.empty(steps, batch, out_size, dtype=cdt, device=dev)        # before the combine tanh
     d_combined = torch.empty(steps, batch, value_size + top, dtype=cdt, device=dev)
     if bahdanau:
         d_queries = torch.empty(steps, batch, w_query.size(0), dtype=cdt, device=dev)
-        d_keys = torch.zeros(keys_c.shape, dtype=f32, device=dev)
         d_v = torch.zeros(1, v.size(0), dtype=f32, device=dev)
+        # d energy[b,s,:] = ds[b,s] v (1 - energy[b,s,:]^2): the key gradient summed over steps is
+        # v * (sum_t ds_t - sum_t ds_t energy_t^2), so two accumulators stand in for a
+        # (batch, src_len, att) gradient per step, and a query's gradient is one bmm
+        ds_sum = torch.zeros(keys_c.shape[:2], dtype=f32, device=dev)             # (batch, src_len)
+        ds_energy_sq = torch.zeros(keys_c.shape, dtype=f32, device=dev)           # (batch, src_len, att)
     else:
         d_scores_all = torch.empty(steps, batch, keys_c.size(1), dtype=cdt, device=dev)
     d_h = [torch.zeros(batch, h, dtype=f32, device=dev) for h in sizes]            # from step t+1
@@ -235,17 +259,22 @@ def _backward(ctx, d_vectors):
         d_context = d_row[:, :value_size]
         d_top = d_row[:, value_size:].to(f32)
         alpha = weights[t]                                                         # (batch, src_len)
-        d_alpha = torch.bmm(values_c, d_context.unsqueeze(2)).squeeze(2).to(f32)   # (batch, src_len)
+        d_alpha = torch.bmm(d_context.unsqueeze(1), values_t).squeeze(1).to(f32)   # (batch, src_len)
         d_scores = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))      # (batch, src_len)
         if bahdanau:
             ds = d_scores.to(cdt)
-            energy = torch.add(keys_c, queries[t].unsqueeze(1)).tanh_()            # (batch, src_len, att)
+            if energies is not None:
+                energy = energies[t]                                               # (batch, src_len, att)
+            else:
+                energy = torch.add(keys_c, queries[t].unsqueeze(1)).tanh_()
             d_v.add_(torch.mm(ds.view(1, -1), energy.view(-1, energy.size(2))))
-            dsv = ds.unsqueeze(2) * v.view(1, 1, -1)                               # (batch, src_len, att)
-            d_energy = torch.addcmul(dsv, dsv, energy.square_(), value=-1)         # through tanh
-            d_keys.add_(d_energy)
-            d_q = torch.sum(d_energy, 1, out=d_queries[t])                          # (batch, att)
-            d_top.add_(torch.mm(d_q, w_query))
+            sq = energy.mul_(energy)          # in place: this step's energies are not read again
+            sq_weighted = torch.bmm(ds.unsqueeze(1), sq).squeeze(1).to(f32)       # (batch, att)
+            ds_energy_sq.add_(sq.mul_(ds.unsqueeze(2)))                             # (batch, src_len, att)
+            ds_sum.add_(d_scores)
+            d_q = (d_scores.sum(1, keepdim=True) - sq_weighted).mul_(v)            # (batch, att)
+            d_queries[t] = d_q
+            d_top.add_(torch.mm(d_queries[t], w_query))
         else:
             d_scores_all[t] = d_scores
             d_top.add_(torch.bmm(d_scores_all[t].unsqueeze(1), keys_c).squeeze(1))
@@ -292,6 +321,7 @@ def _backward(ctx, d_vectors):
     att_grads = []
     if bahdanau:
         d_wq = torch.mm(flat(d_queries).t(), flat(combined[:, :, value_size:]))    # (att, top)
+        d_keys = ds_energy_sq.neg_().add_(ds_sum.unsqueeze(2)).mul_(v)             # (batch, src_len, att)
         att_grads = [d_wq, d_v]
     else:
         d_keys = torch.bmm(d_scores_all.permute(1, 2, 0), tops)                    # (batch, src_len, key_dim)

@@ -16,6 +16,8 @@ read / kept / dropped per reason, lines fixed per fix type) goes to stderr throu
   ``valid``, ``test`` in ``en`` and ``de``.
 * ``iwslt-ted-de-en``: ``IWSLT16.{TED,TEDX}.<set>.de-en.{de,en}`` -> one split per set,
   e.g. ``ted.tst2010``, ``tedx.dev2012``, in ``de`` and ``en``.
+* ``files``: your own corpus, any language pair, streamed from a TSV or two files, plain or
+  compressed, with the same policies: prepare_files.py (``seq2seq-prepare files``).
 
 Policies
 --------
@@ -29,7 +31,8 @@ Policies
   ``empty`` side; ``placeholder`` side with no letter or digit (Multi30k marks missing
   translations with ``@@``); ``too_long`` side over ``max_len`` words; ``ratio`` when the
   longest side has more than ``max_ratio`` times the words of the shortest; and exact
-  ``duplicate`` lines (optional).
+  ``duplicate`` lines (optional). Words are what spaces separate, except that each
+  character of a script written without spaces (Chinese, Japanese, Thai, ...) counts as one.
 * Multi30k is 4-way parallel, and users pick any language pair from it. A training
   line index is therefore dropped from *all four* files if *any* side of that line fails
   a check (the length ratio is taken between the longest and shortest of the four
@@ -51,11 +54,13 @@ Policies
 from __future__ import annotations
 
 import argparse
+import bz2
 import gzip
 import hashlib
 import html
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -63,16 +68,19 @@ import sys
 import unicodedata
 import urllib.request
 import zipfile
+import zlib
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .files import atomic_write
+from .metrics import UNSPACED_CHAR
 
 logger = logging.getLogger(__name__)
 
 CORPORA = ("multi30k", "tatoeba-en-de", "iwslt-ted-de-en")
+FILES_COMMAND = "files"  # seq2seq-prepare files: your own corpus (prepare_files.py)
 DROP_REASONS = ("empty", "placeholder", "too_long", "ratio", "duplicate")
 FIX_TYPES = ("edge_whitespace", "inner_whitespace", "nfc")
 TRAIN_SPLIT = "train"
@@ -118,6 +126,8 @@ IWSLT_SHA256 = {
 IWSLT_FILE_RE = re.compile(r"^IWSLT16\.(TEDX?)\.((?:dev|tst)\d{4})\.de-en\.(de|en)(\.xml)?$")
 _XML_SEG_RE = re.compile(r"<seg[^>]*>(.*)</seg>")
 _WHITESPACE_RUN = re.compile(r"\s+")
+# Readers for compressed inputs, by file name suffix (lower case).
+DECOMPRESSORS: dict[str, Callable] = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}
 
 
 class CorpusError(Exception):
@@ -164,13 +174,20 @@ def normalise_line(text: str) -> tuple[str, list[str]]:
     return composed, fixes
 
 
+def sentence_length(text: str) -> int:
+    """Words of a normalised line, for the length checks: space-separated words, plus one per
+    character of a script written without spaces, so that a Chinese or Japanese sentence is
+    not one 'word' whose translation fails the ratio check."""
+    return len(text.split(" ")) + len(UNSPACED_CHAR.findall(text))
+
+
 def drop_reason(sides: Sequence[str], config: CleaningConfig) -> str | None:
     """Why a normalised training line should be dropped, or None to keep it."""
     if any(not side for side in sides):
         return "empty"
     if any(not any(ch.isalnum() for ch in side) for side in sides):
         return "placeholder"
-    lengths = [len(side.split(" ")) for side in sides]
+    lengths = [sentence_length(side) for side in sides]
     if max(lengths) > config.max_len:
         return "too_long"
     if max(lengths) > config.max_ratio * min(lengths):
@@ -215,21 +232,64 @@ def clean_split(split: RawSplit, config: CleaningConfig) -> tuple[dict[str, list
 # --------------------------------------------------------------------------- reading
 
 
+class TextLines:
+    """The lines of a UTF-8 text file, read as a stream: plain, or compressed by name
+    (``.gz``, ``.xz``, ``.bz2``).
+
+    Lines end at LF only, so a stray CR or U+2028 cannot shift alignment; a byte-order mark
+    at the start of the file is dropped. Invalid UTF-8 is an error naming the file and
+    line: training data is not guessed at. Use as a context manager, then iterate.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.lines_read = 0
+        self._raw = None
+        self._stream = None
+
+    def __enter__(self) -> TextLines:
+        if self.path.is_dir():
+            raise CorpusError(f"Expected a file, got a folder: {self.path}")
+        try:
+            self._raw = self.path.open("rb")
+        except FileNotFoundError:
+            raise CorpusError(f"Missing input file: {self.path}") from None
+        opener = DECOMPRESSORS.get(self.path.suffix.lower())
+        self._stream = opener(self._raw, "rb") if opener else self._raw
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stream.close()
+        self._raw.close()
+
+    def bytes_read(self) -> int:
+        """How far into the file (on disk, compressed or not) reading has got, for progress."""
+        return self._raw.tell()
+
+    def __iter__(self) -> Iterator[str]:
+        try:
+            for raw in self._stream:
+                self.lines_read += 1
+                yield self._decode(raw)
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:  # a truncated or corrupt archive
+            raise CorpusError(f"{self.path}: cannot read past line {self.lines_read} ({exc})") from None
+
+    def _decode(self, raw: bytes) -> str:
+        # the line feed is decoded with the line: a sequence cut short by it reads as
+        # 'invalid continuation byte', as in the whole file
+        try:
+            text = raw.decode("utf-8-sig" if self.lines_read == 1 else "utf-8")
+        except UnicodeDecodeError as exc:  # name the line: a byte offset into a corpus helps no one
+            raise CorpusError(f"{self.path}:{self.lines_read}: invalid UTF-8 ({exc.reason}, byte "
+                              f"0x{raw[exc.start]:02x}); training data is not guessed at: fix or remove "
+                              "that line") from None
+        return text[:-1] if text.endswith("\n") else text
+
+
 def read_lines(path: Path) -> list[str]:
-    """Lines of a UTF-8 file, split on LF only so a stray CR or U+2028 cannot shift alignment."""
-    if not path.is_file():
-        raise CorpusError(f"Missing input file: {path}")
-    data = path.read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:   # name the line: a byte offset into a corpus helps no one
-        line = data.count(b"\n", 0, exc.start) + 1
-        raise CorpusError(f"{path}:{line}: invalid UTF-8 ({exc.reason}, byte 0x{data[exc.start]:02x}); "
-                          "training data is not guessed at: fix or remove that line") from None
-    if not text:
-        return []
-    lines = text.split("\n")
-    return lines[:-1] if text.endswith("\n") else lines
+    """All lines of a UTF-8 file (see TextLines)."""
+    with TextLines(path) as lines:
+        return list(lines)
 
 
 def read_aligned(paths: dict[str, Path]) -> dict[str, list[str]]:
@@ -276,6 +336,12 @@ def read_tab_pairs(path: Path) -> tuple[list[str], list[str]]:
     return english, german
 
 
+def split_rank(key: str, seed: int) -> bytes:
+    """The seeded hash that orders sentences for drawing held-out splits: the same on every
+    Python version and machine, and independent of the order of the input file."""
+    return hashlib.sha256(f"{seed}\0{key}".encode()).digest()
+
+
 def split_by_key(keys: Sequence[str], heldout: Sequence[tuple[str, int]], rest: str,
                  seed: int) -> list[str]:
     """Assign each item a split so that items sharing a key share a split.
@@ -284,10 +350,7 @@ def split_by_key(keys: Sequence[str], heldout: Sequence[tuple[str, int]], rest: 
     least its minimum number of items, the remaining keys go to ``rest``.
     """
     counts = Counter(keys)
-    def rank(key: str) -> bytes:
-        return hashlib.sha256(f"{seed}\0{key}".encode()).digest()
-
-    order = iter(sorted(counts, key=rank))
+    order = iter(sorted(counts, key=lambda key: split_rank(key, seed)))
     split_of: dict[str, str] = {}
     for name, min_items in heldout:
         total = 0
@@ -501,16 +564,8 @@ def _ratio(text: str) -> float:
     return value
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="seq2seq-prepare",
-        description="Prepare a parallel corpus as OUT/<split>.<lang> plain-text files.")
-    parser.add_argument("corpus", help=f"one of: {', '.join(CORPORA)}")
-    origin = parser.add_mutually_exclusive_group(required=True)
-    origin.add_argument("--from", dest="source", metavar="DIR",
-                        help="folder with the corpus files")
-    origin.add_argument("--download", action="store_true", help="download the corpus first")
-    parser.add_argument("--out", metavar="DIR", help="output folder (default: data/<corpus>)")
+def add_cleaning_options(parser: argparse.ArgumentParser) -> None:
+    """The training-split filters and the log level, shared by every corpus and by ``files``."""
     parser.add_argument("--max-len", type=_positive_int, default=CleaningConfig.max_len,
                         help="drop training pairs with a side longer than this many words")
     parser.add_argument("--max-ratio", type=_ratio, default=CleaningConfig.max_ratio,
@@ -518,16 +573,44 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-duplicates", action="store_true",
                         help="keep exact duplicate training pairs")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every dropped line")
+
+
+def cleaning_from_args(args: argparse.Namespace) -> CleaningConfig:
+    """The CleaningConfig the options of add_cleaning_options ask for; sets up logging too."""
+    logging.basicConfig(stream=sys.stderr, format="%(message)s")
+    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    return CleaningConfig(max_len=args.max_len, max_ratio=args.max_ratio,
+                          drop_duplicates=not args.keep_duplicates)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="seq2seq-prepare",
+        description="Prepare a parallel corpus as OUT/<split>.<lang> plain-text files. "
+                    f"Your own corpus, any language pair: seq2seq-prepare {FILES_COMMAND} --help.")
+    parser.add_argument("corpus", help=f"one of: {', '.join(CORPORA)} (or {FILES_COMMAND}: your own files)")
+    origin = parser.add_mutually_exclusive_group(required=True)
+    origin.add_argument("--from", dest="source", metavar="DIR",
+                        help="folder with the corpus files")
+    origin.add_argument("--download", action="store_true", help="download the corpus first")
+    parser.add_argument("--out", metavar="DIR", help="output folder (default: data/<corpus>)")
+    add_cleaning_options(parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     """Console entry point ``seq2seq-prepare``; returns 0 on success, 2 on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] == FILES_COMMAND:  # your own corpus: its own options (prepare_files.py)
+        from .prepare_files import main as files_main
+        return files_main(argv[1:])
+    if argv and not argv[0].startswith("-") and argv[0] not in CORPORA:
+        # before parsing: the other subcommand's options would hide the real mistake
+        print(f"error: Unknown corpus {argv[0]!r}; choose one of: {', '.join((*CORPORA, FILES_COMMAND))}",
+              file=sys.stderr)
+        return 2
     args = _parser().parse_args(argv)
-    logging.basicConfig(stream=sys.stderr, format="%(message)s")
-    logger.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    cleaning = CleaningConfig(max_len=args.max_len, max_ratio=args.max_ratio,
-                              drop_duplicates=not args.keep_duplicates)
+    cleaning = cleaning_from_args(args)
     out = args.out if args.out is not None else Path("data") / args.corpus
     try:
         prepare(args.corpus, out, source=args.source, download=args.download, cleaning=cleaning)

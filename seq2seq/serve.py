@@ -28,9 +28,9 @@ when that sentence is blank.
 Concurrent requests are decoded together by a `Batcher` (batcher.py) running the model
 in one thread (one per process with `--workers N`: workers.py), with continuous batching:
 a sentence joins the running search at the next decoder step and leaves it as soon as it
-is finished. A request's results are
-those `Translator.translate_hypotheses` gives for the same sentences and options. Every refusal is a 4xx with a JSON body; a limit names
-itself: `{"error": "too many sentences", "limit": "max_sentences", "value": 64}`.
+is finished. A request's results are those `Translator.translate_hypotheses` gives for the
+same sentences and options. Every refusal is a 4xx with a JSON body; a limit names itself:
+`{"error": "too many sentences", "limit": "max_sentences", "value": 64}`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ import ipaddress
 import json
 import logging
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from contextlib import asynccontextmanager
@@ -61,8 +62,8 @@ from .info import model_card
 from .quantize import PRECISIONS
 from .search import NORMALISATIONS, SearchOptions
 from .translate import Translation, Translator
-from .workers import (ConnectionBalancer, StatsBoard, WorkerSpec, check_workers_supported, claim_port, default_threads,
-                      serve_workers)
+from .workers import (ConnectionBalancer, StatsBoard, WorkerSpec, bound_socket, check_workers_supported, claim_port,
+                      default_threads, serve_workers)
 
 log = logging.getLogger("seq2seq")
 
@@ -440,6 +441,19 @@ def run_server(app: FastAPI, log_level: str, graceful_timeout: int, *, host: str
     return 0 if server.started else 1
 
 
+def _worker(index: int, spec: WorkerSpec, board: StatsBoard) -> None:
+    """One of `--workers N` service processes (started by workers.serve_workers): a whole
+    service with its own model and decoder, on its own SO_REUSEPORT socket of the shared port."""
+    import torch
+
+    logging.basicConfig(level=spec.log_level.upper(), format=f"%(levelname)s: [worker {index}] %(message)s")
+    torch.set_num_threads(spec.threads)
+    sock = bound_socket(spec.host, spec.port, reuseport=True)
+    app = create_app(spec.checkpoint, spec.settings, card=spec.card, device=spec.device,
+                     max_source_len=spec.max_source_len, precision=spec.precision, board=(board, index))
+    sys.exit(run_server(app, spec.log_level, spec.graceful_timeout, sockets=[sock]))
+
+
 def _serve(argv: Sequence[str] | None) -> int:
     from .cli import check_precision_flags  # the same message as seq2seq-translate's
 
@@ -465,7 +479,7 @@ def _serve(argv: Sequence[str] | None) -> int:
             log.warning("--workers %d --device %s: each worker loads its own copy of the model onto that device",
                         args.workers, args.device)
         log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
-        return serve_workers(spec, args.workers)
+        return serve_workers(spec, args.workers, _worker)
     sock = claim_port(args.host, args.port)   # a taken port fails now, not after loading the model
     with sock:
         if args.threads:

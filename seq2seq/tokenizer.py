@@ -33,8 +33,9 @@ PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 # SentencePiece encodes a list of lines on a pool of threads it starts for each call. On an
 # idle 2-core CPU that costs 0.08 ms for one line (0.007 ms alone) and wins from ~64 lines
-# (docs/RESULTS.md, "Encoding a few lines"); on busy cores, as under a service's load, the
-# threads wait for a core (~1.3 ms for one line). Fewer lines than this go one at a time.
+# (measured in `git show 0e2781f:docs/RESULTS.md`, "Encoding a few lines"); on busy cores, as
+# under a service's load, the threads wait for a core (~1.3 ms for one line). Fewer lines
+# than this go one at a time.
 THREADED_ENCODE_FROM = 64
 
 
@@ -121,16 +122,61 @@ def _sample_lines(paths: Sequence[Path], max_sentences: int, seed: int) -> Itera
     return iter(reservoir)
 
 
+# SentencePiece's advice: character_coverage 0.9995 for languages with a rich character set
+# (Chinese, Japanese), 1.0 for the others. Alphabets, abjads and abugidas (Latin, Greek, Cyrillic,
+# Arabic, Hebrew, Devanagari, Thai, ...) stay far below this many distinct characters even with
+# punctuation, digits, symbols and some foreign words; Chinese and Japanese text uses thousands.
+LARGE_ALPHABET = 1000
+LARGE_ALPHABET_COVERAGE = 0.9995
+
+
+def choose_character_coverage(sentences: Iterable[str]) -> tuple[float, int]:
+    """SentencePiece's character_coverage for `character_coverage: auto`, and why.
+
+    Returns (coverage, distinct characters): 0.9995 when the sentences use more than
+    LARGE_ALPHABET distinct characters (spaces aside), else 1.0. Below 1.0 the rarest
+    characters, 0.05% of the text, become <unk> instead of each taking a vocabulary entry
+    that a rich script's frequent characters and words need more.
+    """
+    seen: set[str] = set()
+    for sentence in sentences:
+        seen.update(sentence)
+    seen.discard(" ")
+    return (LARGE_ALPHABET_COVERAGE if len(seen) > LARGE_ALPHABET else 1.0), len(seen)
+
+
+def resolve_character_coverage(character_coverage: float | str, sentences: Sequence[str]) -> float:
+    """A number is used as it is; "auto" applies choose_character_coverage to `sentences`."""
+    if isinstance(character_coverage, str) and character_coverage.strip().lower() == "auto":
+        coverage, distinct = choose_character_coverage(sentences)
+        log.info("tokenizer: %d distinct characters in %d sentences (%s %d): character_coverage %g",
+                 distinct, len(sentences), "more than" if coverage < 1 else "at most", LARGE_ALPHABET, coverage)
+        return coverage
+    try:
+        coverage = float(character_coverage)
+    except (TypeError, ValueError):
+        coverage = float("nan")
+    if not 0 < coverage <= 1:  # also rejects NaN
+        raise ValueError(f"tokenizer.character_coverage must be a number in (0, 1] or 'auto' "
+                         f"(from the data: {LARGE_ALPHABET_COVERAGE} beyond {LARGE_ALPHABET} distinct "
+                         f"characters, else 1.0), got {character_coverage!r}")
+    return coverage
+
+
 def train_tokenizer(
     paths: Sequence[str | Path],
     vocab_size: int,
     *,
     model_type: str = "unigram",
-    character_coverage: float = 1.0,
+    character_coverage: float | str = 1.0,
     max_sentences: int = 1_000_000,
     seed: int = 1,
 ) -> Tokenizer:
-    """Train a SentencePiece model on the lines of `paths` and return it in memory."""
+    """Train a SentencePiece model on the lines of `paths` and return it in memory.
+
+    `character_coverage` is a number, or "auto": chosen from the sampled sentences
+    (choose_character_coverage), so one config serves any script.
+    """
     valid_types = ("unigram", "bpe", "char", "word")
     if model_type not in valid_types:
         raise ValueError(f"Unknown tokenizer model_type {model_type!r}; choose one of: {', '.join(valid_types)}")
@@ -141,6 +187,7 @@ def train_tokenizer(
     sentences = list(_sample_lines(paths, max_sentences, seed))
     if not sentences:
         raise ValueError(f"no text to train the tokenizer on in: {', '.join(map(str, paths))}")
+    character_coverage = resolve_character_coverage(character_coverage, sentences)
     model = io.BytesIO()
     spm.set_random_generator_seed(seed)  # same data and seed, same vocabulary
     spm.SentencePieceTrainer.train(

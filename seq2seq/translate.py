@@ -5,7 +5,7 @@
     translator.translate(["Ein Hund rennt."], beam_size=5)
     translator.score(["Ein Hund rennt."], ["A dog runs."])  # forced decoding
 
-Policies (the README's "What happens when..." lists them too):
+Policies (docs/what-happens-when.md lists them with the others):
 - an empty or whitespace-only line gives an empty output line; the model never sees it;
 - a line longer than `max_source_len` subwords is cropped to that length, with a
   warning naming the line;

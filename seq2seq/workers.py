@@ -2,11 +2,13 @@
 
 One service process decodes in one thread and answers HTTP in another, and the two take
 turns at the interpreter lock: on a 2-core machine it keeps about 1.5 cores busy under
-load, two workers 1.9 (docs/RESULTS.md, "Two worker processes"). With `--workers N` each of N processes is a whole service (its own
-model, batcher and event loop, `--threads` intra-op threads) listening on the same port
-through its own SO_REUSEPORT socket; Linux hands each new connection to one of them by a
-hash of the connection's addresses, so connections spread over the workers instead of
-piling onto whichever process happens to call accept() first.
+load, two workers 1.9 (docs/RESULTS.md, "Serving under load"). With `--workers N` each of
+N processes is a whole service (its own model, batcher and event loop, `--threads` intra-op
+threads: serve.py's `_worker`) listening on the same port through its own SO_REUSEPORT
+socket; Linux hands each new connection to one of them by a hash of the connection's
+addresses, so connections spread over the workers instead of piling onto whichever process
+happens to call accept() first. This module runs the processes; serve.py builds the service
+each one runs, so the import goes one way only (serve imports workers).
 
 The parent process loads nothing but the model card (so a bad checkpoint fails before any
 worker starts), holds the port, starts the workers in their own process group (a Ctrl+C
@@ -21,10 +23,11 @@ every 0.2 s and on each /health), and whichever worker answers sums them.
 
 The kernel picks a worker for each connection once, and clients keep their connections
 alive, so one worker may hold 18 of 32 clients and the other 14 for as long as they stay:
-the first decodes longer steps, the second idles between them (docs/RESULTS.md, "Two
-worker processes"). A `ConnectionBalancer` evens this out: a worker that holds more than
-its share of the service's clients answers one of them with `Connection: close`, at most
-every half second; the client reconnects, and the kernel hashes the new connection afresh.
+the first decodes longer steps, the second idles between them (measured in `git show
+0e2781f:docs/RESULTS.md`, "Encoding a few lines, and join settings for two workers"). A
+`ConnectionBalancer` evens this out: a worker that holds more than its share of the
+service's clients answers one of them with `Connection: close`, at most every half second;
+the client reconnects, and the kernel hashes the new connection afresh.
 """
 
 from __future__ import annotations
@@ -200,31 +203,25 @@ def _watch_parent(parent: int) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(index: int, spec: WorkerSpec, board: StatsBoard, parent: int) -> None:
+def _run_worker(target, index: int, spec: WorkerSpec, board: StatsBoard, parent: int) -> None:
+    """A worker process: its own process group and a watch on its parent, then `target`."""
     os.setpgrp()   # the terminal's Ctrl+C goes to the parent, which asks each worker to stop once
-    import torch
-
-    from .serve import create_app, run_server
-
-    logging.basicConfig(level=spec.log_level.upper(), format=f"%(levelname)s: [worker {index}] %(message)s")
-    torch.set_num_threads(spec.threads)
     threading.Thread(target=_watch_parent, args=(parent,), name="seq2seq-parent-watch", daemon=True).start()
-    sock = bound_socket(spec.host, spec.port, reuseport=True)
-    app = create_app(spec.checkpoint, spec.settings, card=spec.card, device=spec.device,
-                     max_source_len=spec.max_source_len, precision=spec.precision, board=(board, index))
-    sys.exit(run_server(app, spec.log_level, spec.graceful_timeout, sockets=[sock]))
+    target(index, spec, board)
 
 
-def serve_workers(spec: WorkerSpec, workers: int) -> int:
+def serve_workers(spec: WorkerSpec, workers: int, target) -> int:
     """Run `workers` service processes on spec.host:spec.port until SIGTERM/SIGINT; the exit code.
 
-    The caller has checked `check_workers_supported` (before loading anything).
+    `target(index, spec, board)` builds and runs one worker's service on the shared port
+    (serve.py's `_worker`); it must be a module-level function, since each spawned process
+    imports it by name. The caller has checked `check_workers_supported` (before loading anything).
     """
     holder = claim_port(spec.host, spec.port, reuseport=True)   # holds the port (and resolves 0) while workers start
     spec = WorkerSpec(**{**vars(spec), "port": holder.getsockname()[1]})
     ctx = mp.get_context("spawn")   # fresh interpreters: no torch threads or locks inherited through fork
     board = StatsBoard(workers, ctx)
-    procs = [ctx.Process(target=_worker, args=(i, spec, board, os.getpid()), name=f"seq2seq-serve-{i}")
+    procs = [ctx.Process(target=_run_worker, args=(target, i, spec, board, os.getpid()), name=f"seq2seq-serve-{i}")
              for i in range(workers)]
     stopping = threading.Event()
     failed: list[str] = []

@@ -51,7 +51,7 @@ def toy_run(tmp_path_factory) -> dict:
     """Train `experiment=toy` with the installed console script, from a scratch directory."""
     work = tmp_path_factory.mktemp("toyrun")
     run_dir = work / "run"
-    # about 50 s alone on 2 cores; beside a training run it took over 600 s once (docs/RESULTS.md)
+    # about 50 s alone on 2 cores; beside a training run it took over 600 s once
     proc = run_cli(["seq2seq-train", "experiment=toy", f"hydra.run.dir={run_dir}"], cwd=work, timeout=1800)
     if proc.returncode != 0:
         pytest.fail(f"toy training failed ({proc.returncode}):\n{proc.stderr.decode()[-4000:]}")

@@ -39,8 +39,11 @@ def _run(model: Seq2Seq, how: str, src, src_len, tgt):
                                                if p.grad is not None}
 
 
+@pytest.mark.parametrize("keep_energies", [True, False])
 @pytest.mark.parametrize("attention,sizes", CASES)
-def test_written_out_backward_equals_autograd_through_the_step_loop(attention, sizes):
+def test_written_out_backward_equals_autograd_through_the_step_loop(attention, sizes, keep_energies, monkeypatch):
+    if not keep_energies:  # long sentences: Bahdanau's energies are recomputed in the backward pass
+        monkeypatch.setattr("seq2seq.bptt.ENERGY_BUDGET_BYTES", 0)
     model = _model(attention, sizes)
     batch = _batch()
     fused = _run(model, "forward", *batch)
@@ -78,7 +81,51 @@ def test_dropout_between_layers_keeps_its_rate_and_scale():
     assert (torch.stack(draws).mean(0) - clean).abs().mean() < 0.1 * clean.abs().mean()
 
 
-def test_bfloat16_autocast_stays_close_to_float32():
+def _reversal_batches(steps: int, batch: int = 32, vocab: int = 20, seed: int = 0):
+    """Random sources (ids 3..vocab-1, lengths 3-8) to be reversed: (src, src_len, tgt_in, tgt_out)."""
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        lengths = torch.randint(3, 9, (batch,), generator=g)
+        width = int(lengths.max()) + 1
+        src, tgt_in, tgt_out = (torch.zeros(batch, width, dtype=torch.long) for _ in range(3))
+        for i, n in enumerate(lengths.tolist()):
+            words = torch.randint(3, vocab, (n,), generator=g)
+            src[i, :n + 1] = torch.cat([words, torch.tensor([2])])            # EOS = 2
+            tgt_in[i, :n + 1] = torch.cat([torch.tensor([1]), words.flip(0)])  # BOS = 1
+            tgt_out[i, :n + 1] = torch.cat([words.flip(0), torch.tensor([2])])
+        yield src, lengths + 1, tgt_in, tgt_out
+
+
+def _train_reversal(autocast: bool, steps: int = 300) -> list[float]:
+    torch.manual_seed(0)
+    cfg = ModelConfig(src_vocab_size=20, tgt_vocab_size=20, embedding_size=32, encoder_hidden_size=32,
+                      decoder_hidden_sizes=[64], dropout=0.1)
+    model = Seq2Seq(cfg).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for src, src_len, tgt_in, tgt_out in _reversal_batches(steps):
+        optimizer.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logits, targets = model.token_logits(src, src_len, tgt_in, tgt_out)
+            loss = label_smoothed_nll(logits, targets, 0.1) / targets.numel()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def test_a_toy_model_trained_in_bfloat16_matches_float32():
+    # the same model, data and seed for 300 steps of a reversal task, with and without bfloat16
+    # autocast (Lightning's bf16-mixed): both learn it, and the bfloat16 loss over the last 20
+    # steps stays within 0.05 nats of float32's (measured: 0.740 against 0.745)
+    fp32, bf16 = _train_reversal(False), _train_reversal(True)
+    late32, late16 = sum(fp32[-20:]) / 20, sum(bf16[-20:]) / 20
+    assert late32 < 0.5 * fp32[0] and late16 < 0.5 * bf16[0]
+    assert abs(late16 - late32) < 0.05, (late32, late16)
+
+
+def test_bfloat16_autocast_runs_the_products_in_bfloat16_and_keeps_float32_gradients():
     model = _model("bahdanau", [12, 12], dtype=torch.float32)
     batch = _batch()
     ref = _run(model, "forward", *batch)
@@ -86,10 +133,7 @@ def test_bfloat16_autocast_stays_close_to_float32():
         low = _run(model, "forward", *batch)
     assert low[0].dtype == torch.bfloat16
     torch.testing.assert_close(low[0].float(), ref[0], atol=0.05, rtol=0.05)
-    for name, g in ref[2].items():
-        assert low[2][name].dtype == torch.float32, name
-        cos = torch.nn.functional.cosine_similarity(low[2][name].flatten(), g.flatten(), dim=0)
-        assert cos > 0.97, (name, float(cos))
+    assert all(low[2][name].dtype == torch.float32 for name in ref[2])
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])

@@ -153,8 +153,8 @@ def test_unknown_corpus(tmp_path: Path, capsys) -> None:
     with pytest.raises(CorpusError) as info:
         prepare("x", tmp_path, source=tmp_path)
     assert str(info.value) == expected
-    assert main(["x", "--from", str(tmp_path)]) == 2
-    assert capsys.readouterr().err.strip() == f"error: {expected}"
+    assert main(["x", "--from", str(tmp_path)]) == 2       # the command line also offers `files`
+    assert capsys.readouterr().err.strip() == f"error: {expected}, files"
 
 
 def test_from_and_download_are_exclusive(tmp_path: Path) -> None:

@@ -170,3 +170,33 @@ def test_cpu_flags_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatc
     assert quantize.cpu_has_bfloat16() is False
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
     assert quantize.cpu_has_bfloat16() is True
+
+
+@pytest.mark.parametrize("flags,expected", [
+    ("fpu sse2 avx2 fma", "float32"),                         # AVX2 only: bfloat16 would be emulated
+    ("avx2 avx_ne_convert", "float32"),                       # conversions only, no bfloat16 products
+    ("avx2 avx512f avx512_bf16", "bfloat16"),                 # AVX-512 EPYC or Xeon
+    ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "bfloat16"),  # Xeon with AMX
+])
+def test_auto_precision_follows_the_cpu_flags(monkeypatch, tiny_model, flags, expected):
+    monkeypatch.setattr(quantize, "cpu_fields", lambda: {"model name": "mock", "flags": flags})
+    assert quantize.auto_precision("cpu") == expected
+    assert quantize.resolve_precision("auto", "cpu") == expected
+    assert quantize.resolve_precision("float32", "cpu") == "float32"       # explicit values stay
+    translator = Translator(tiny_model, None, None, precision="auto")
+    assert translator.precision == expected
+    dtype = next(translator.model.parameters()).dtype
+    assert dtype == (torch.bfloat16 if expected == "bfloat16" else torch.float32)
+
+
+def test_auto_precision_without_proc_cpuinfo_is_float32(monkeypatch):
+    monkeypatch.setattr(quantize, "cpu_fields", lambda: None)
+    assert quantize.auto_precision("cpu") == "float32"
+
+
+def test_command_lines_default_to_auto_precision():
+    from seq2seq.cli import evaluate_parser, translate_parser
+    from seq2seq.serve import serve_parser
+    assert translate_parser().parse_args(["-c", "m.pt"]).precision == "auto"
+    assert evaluate_parser().parse_args(["-c", "m.pt", "--source", "s", "--reference", "r"]).precision == "auto"
+    assert serve_parser().parse_args(["-c", "m.pt"]).precision == "auto"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from importlib import resources
 
 import pytest
@@ -77,6 +78,28 @@ def test_bfloat16_training_on_a_cpu_without_bfloat16_is_refused_up_front(monkeyp
     train.check_precision_here(cpu)
     monkeypatch.setattr(train, "cpu_has_bfloat16", lambda: None)        # unknown (no /proc/cpuinfo): let it try
     train.check_precision_here(cpu)
+
+
+@pytest.mark.parametrize("flags,expected", [("avx2 fma", "32-true"), ("avx2 avx512_bf16", "bf16-mixed"),
+                                            ("avx512_bf16 amx_bf16", "bf16-mixed")])
+def test_auto_training_precision_follows_the_cpu_flags(monkeypatch, flags, expected):
+    import seq2seq.quantize as quantize
+    import seq2seq.train as train
+    from omegaconf import OmegaConf
+    monkeypatch.setattr(quantize, "cpu_fields", lambda: {"flags": flags})
+    assert train.training_precision(OmegaConf.create({"precision": "auto", "accelerator": "cpu"})) == expected
+    for explicit in ("32-true", "bf16-mixed", "16-mixed"):
+        assert train.training_precision(OmegaConf.create({"precision": explicit, "accelerator": "cpu"})) == explicit
+
+
+def test_the_run_records_which_precision_trained_it(toy_run):
+    import seq2seq.train as train
+    from omegaconf import OmegaConf
+    here = train.training_precision(OmegaConf.create({"precision": "auto", "accelerator": "cpu"}))
+    assert toy_run["results"]["precision"] == here          # the toy experiment keeps the default, auto
+    assert f"trainer.precision=auto: {here} on this machine" in (toy_run["dir"] / "train.log").read_text()
+    card = run_cli(["seq2seq-info", str(toy_run["model"]), "--json"])
+    assert json.loads(card.stdout)["precision"] == here
 
 
 def test_mismatched_training_files_name_both(tmp_path):
