@@ -29,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .dropout import dropout_mask
+
 # The Bahdanau energies of every step are kept for the backward pass when they take at
 # most this much memory; beyond it (long sentences) each step's are recomputed.
 ENERGY_BUDGET_BYTES = 256 << 20
@@ -136,8 +138,7 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
         cs[i][0] = c0
     drop = None
     if spec.dropout > 0 and len(sizes) > 1:
-        keep = 1.0 - spec.dropout
-        drop = [None] + [torch.empty(steps, batch, sizes[i - 1], dtype=f32, device=dev).bernoulli_(keep).div_(keep)
+        drop = [None] + [dropout_mask((steps, batch, sizes[i - 1]), spec.dropout, f32, dev)
                          for i in range(1, len(sizes))]                            # (steps, batch, h_below)
 
     values_c, keys_c = values.to(cdt), keys.to(cdt)

@@ -16,6 +16,7 @@ from torch import nn
 
 from .attention import Memory, build_attention
 from .bptt import teacher_forced
+from .dropout import Dropout
 from .tokenizer import PAD_ID
 
 LayerState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (batch, hidden_l)
@@ -51,7 +52,7 @@ class CellStack(nn.Module):
         super().__init__()
         sizes = [input_size, *hidden_sizes]
         self.cells = nn.ModuleList(nn.LSTMCell(sizes[i], sizes[i + 1]) for i in range(len(hidden_sizes)))
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
 
     def over_time(self, x: torch.Tensor, hidden: Sequence[LayerState]) -> torch.Tensor:
         """Run the stack over a whole sequence at once; x: (batch, steps, input_size).
@@ -151,7 +152,7 @@ class Decoder(nn.Module):
         self.output_size = embedding_size if tie_embeddings else top
         self.input_feeding = input_feeding
         self.embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=PAD_ID)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.cells = CellStack(embedding_size + (self.output_size if input_feeding else 0), hidden_sizes, dropout)
         self.attention = build_attention(attention, top, encoder_output_size, attention_size or top)
         self.combine = nn.Linear(encoder_output_size + top, self.output_size, bias=False)

@@ -12,6 +12,8 @@ gradient is written straight in the logits' dtype.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 BLOCK_BYTES = 4 << 20  # float32 bytes of one block of rows: fits the last-level cache of a small CPU
@@ -63,11 +65,15 @@ class _LabelSmoothedNLL(torch.autograd.Function):
         eps = ctx.smoothing
         rows, vocab = logits.shape
         out = torch.empty_like(logits)                                 # (rows, vocab) in the logits' dtype
-        scale = grad.to(lse.dtype)
+        scale = float(grad)
+        # d/dx = scale * (softmax(x) - (1 - eps) * onehot(target) - eps / vocab); a positive scale
+        # goes into the exponent
+        shift = lse - math.log(scale) if scale > 0 else lse
+        factor = 1.0 if scale > 0 else scale
         for block in _blocks(rows, vocab):
-            # d/dx = softmax(x) - (1 - eps) * onehot(target) - eps / vocab
-            p = torch.sub(logits[block].to(lse.dtype), lse[block].unsqueeze(1)).exp_().sub_(eps / vocab)
-            p.scatter_add_(1, target[block].unsqueeze(1),
-                           p.new_full((p.size(0), 1), -(1.0 - eps)))
-            out[block] = p.mul_(scale)
+            p = logits[block].to(lse.dtype).sub_(shift[block].unsqueeze(1)).exp_()  # (block, vocab) float32
+            if factor != 1.0:
+                p.mul_(factor)
+            p.scatter_add_(1, target[block].unsqueeze(1), p.new_full((p.size(0), 1), -(1.0 - eps) * scale))
+            out[block] = p.sub_(eps * scale / vocab)
         return out, None, None

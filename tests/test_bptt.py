@@ -136,17 +136,18 @@ def test_bfloat16_autocast_runs_the_products_in_bfloat16_and_keeps_float32_gradi
     assert all(low[2][name].dtype == torch.float32 for name in ref[2])
 
 
+@pytest.mark.parametrize("scale", [2.5, -0.5])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1, 0.3])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_label_smoothed_nll_equals_cross_entropy_loss(smoothing, dtype, monkeypatch):
+def test_label_smoothed_nll_equals_cross_entropy_loss(smoothing, dtype, scale, monkeypatch):
     monkeypatch.setattr("seq2seq.loss.BLOCK_BYTES", 4 * 37 * 7)  # several blocks, a short last one
     g = torch.Generator().manual_seed(0)
     logits = (3 * torch.randn(50, 37, generator=g, dtype=dtype)).requires_grad_()
     target = torch.randint(0, 37, (50,), generator=g)
     ref = nn.CrossEntropyLoss(label_smoothing=smoothing, reduction="sum")(logits, target)
-    (ref_grad,) = torch.autograd.grad(2.5 * ref, logits)
+    (ref_grad,) = torch.autograd.grad(scale * ref, logits)
     ours = label_smoothed_nll(logits, target, smoothing)
-    (grad,) = torch.autograd.grad(2.5 * ours, logits)
+    (grad,) = torch.autograd.grad(scale * ours, logits)
     torch.testing.assert_close(ours, ref)
     torch.testing.assert_close(grad, ref_grad)
 

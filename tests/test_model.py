@@ -126,6 +126,40 @@ def test_padding_never_changes_a_sentence_encoding():
     torch.testing.assert_close(c2[:, 0], c1[:, 0])
 
 
+def test_dropout_keeps_its_rate_and_scale_and_is_off_in_eval():
+    from seq2seq.dropout import Dropout
+    layer, x = Dropout(0.3), torch.ones(200_000)
+    y = layer(x)
+    kept = y[y != 0]
+    assert abs(kept.numel() / x.numel() - 0.7) < 0.01
+    torch.testing.assert_close(kept, torch.full_like(kept, 1 / 0.7))
+    assert layer.eval()(x) is x
+
+
+@pytest.mark.parametrize("layers,bidirectional", [(1, True), (1, False), (2, True), (3, False)])
+def test_segmented_encoder_equals_nn_lstm_over_packed_sequences(layers, bidirectional):
+    # outputs, final states and every gradient, with lengths from 1 to the full width in any order
+    torch.manual_seed(layers)
+    enc = Encoder(50, 8, 6, layers, bidirectional).double()
+    src, src_len = random_sources([9, 1, 4, 9, 6, 4, 2], 50, seed=2)
+    results = []
+    for how in ("segmented", "packed"):
+        enc.zero_grad()
+        out, (h, c) = getattr(enc, how)(enc.embedding(src), src_len)
+        g = torch.Generator().manual_seed(0)
+        probe = sum((x * torch.randn(x.shape, generator=g, dtype=x.dtype)).sum() for x in (out, h, c))
+        probe.backward()
+        results.append((out.detach(), h.detach(), c.detach(),
+                        {n: p.grad.clone() for n, p in enc.named_parameters() if p.grad is not None}))
+    (out, h, c, grads), (ref_out, ref_h, ref_c, ref_grads) = results
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(c, ref_c)
+    assert grads.keys() == ref_grads.keys() and len(grads) == 4 * layers * (2 if bidirectional else 1) + 1
+    for name in grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], msg=name)
+
+
 @pytest.mark.parametrize("enc_layers,bidirectional,dec_sizes", [
     (1, True, [7]), (3, True, [7, 9]), (1, False, [5, 6, 7]), (2, False, [4]), (2, True, [3, 3, 3, 3])])
 def test_bridge_handles_any_directions_and_layers(enc_layers, bidirectional, dec_sizes):

@@ -1,0 +1,33 @@
+"""Dropout whose mask is drawn with `torch.rand`.
+
+`nn.Dropout` draws its mask with `bernoulli_`, which on a CPU took about twice as long as
+drawing uniform numbers and comparing them (10.4 against 4.6 ms for a (128, 16, 512)
+tensor, 2 threads): with four dropouts a training step, a few percent of the step. The
+distribution is the same: each element is kept with probability 1 - p and scaled by
+1 / (1 - p).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def dropout_mask(shape, p: float, dtype: torch.dtype, device) -> torch.Tensor:
+    """(shape) of 0 and 1 / (1 - p), each element 0 with probability p; p in [0, 1)."""
+    keep = torch.rand(shape, device=device) >= p                                # (shape) bool
+    return keep.to(dtype).mul_(1.0 / (1.0 - p))
+
+
+def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """`nn.functional.dropout` (not in place), the mask drawn by `dropout_mask`."""
+    if not training or p == 0.0:
+        return x
+    if p >= 1.0:
+        return x * 0.0
+    return x * dropout_mask(x.shape, p, x.dtype, x.device)
+
+
+class Dropout(nn.Dropout):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
