@@ -19,22 +19,28 @@ import torch
 BLOCK_BYTES = 4 << 20  # float32 bytes of one block of rows: fits the last-level cache of a small CPU
 
 
-def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: float = 0.0,
+                       bias: torch.Tensor | None = None) -> torch.Tensor:
     """Sum over rows of (1 - eps) * -log p(target) + eps * mean over the vocabulary of -log p.
 
     Args:
         logits: (rows, vocab), any float dtype (bfloat16 logits are read as float32).
         target: (rows,) class indices; every row counts (select real tokens beforehand).
         smoothing: eps in [0, 1).
+        bias: optional (vocab,) added to every row in float32 here, block by block: the
+            output layer's bias, whose gradient (a sum over all rows of the logits'
+            gradient) then also comes block by block instead of from another full pass.
     Returns:
         a float32 scalar (float64 for float64 logits).
     """
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(f"logits must be (rows, vocab) and target (rows,), got {tuple(logits.shape)} "
                          f"and {tuple(target.shape)}")
+    if bias is not None and bias.shape != logits.shape[1:]:
+        raise ValueError(f"bias must be (vocab,) = ({logits.size(1)},), got {tuple(bias.shape)}")
     if not 0.0 <= smoothing < 1.0:
         raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
-    return _LabelSmoothedNLL.apply(logits, target, float(smoothing))
+    return _LabelSmoothedNLL.apply(logits, bias, target, float(smoothing))
 
 
 def _blocks(rows: int, vocab: int):
@@ -43,37 +49,47 @@ def _blocks(rows: int, vocab: int):
         yield slice(start, min(start + step, rows))
 
 
+def _block(logits: torch.Tensor, bias: torch.Tensor | None, rows: slice, dtype: torch.dtype) -> torch.Tensor:
+    """Rows `rows` of logits (+ bias) as a new (block, vocab) tensor of `dtype`: ours to overwrite."""
+    x = logits[rows].to(dtype, copy=True)
+    return x if bias is None else x.add_(bias)
+
+
 class _LabelSmoothedNLL(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, smoothing):
+    def forward(ctx, logits, bias, target, smoothing):
         acc = torch.promote_types(logits.dtype, torch.float32)
         rows, vocab = logits.shape
         lse = torch.empty(rows, dtype=acc, device=logits.device)       # (rows,) log-sum-exp
         per_row = torch.empty(rows, dtype=acc, device=logits.device)   # (rows,) loss of each row
         for block in _blocks(rows, vocab):
-            x = logits[block].to(acc)                                  # (block, vocab)
+            x = _block(logits, bias, block, acc)                        # (block, vocab)
             z = torch.logsumexp(x, 1, out=lse[block])
             picked = x.gather(1, target[block].unsqueeze(1)).squeeze(1)
             per_row[block] = z - (1.0 - smoothing) * picked - smoothing * x.mean(1)
-        ctx.save_for_backward(logits, target, lse)
+        ctx.save_for_backward(logits, bias, target, lse)
         ctx.smoothing = smoothing
         return per_row.sum()
 
     @staticmethod
     def backward(ctx, grad):
-        logits, target, lse = ctx.saved_tensors
+        logits, bias, target, lse = ctx.saved_tensors
         eps = ctx.smoothing
         rows, vocab = logits.shape
         out = torch.empty_like(logits)                                 # (rows, vocab) in the logits' dtype
+        d_bias = torch.zeros(vocab, dtype=lse.dtype, device=lse.device) if bias is not None else None
         scale = float(grad)
         # d/dx = scale * (softmax(x) - (1 - eps) * onehot(target) - eps / vocab); a positive scale
         # goes into the exponent
         shift = lse - math.log(scale) if scale > 0 else lse
         factor = 1.0 if scale > 0 else scale
         for block in _blocks(rows, vocab):
-            p = logits[block].to(lse.dtype).sub_(shift[block].unsqueeze(1)).exp_()  # (block, vocab) float32
+            p = _block(logits, bias, block, lse.dtype).sub_(shift[block].unsqueeze(1)).exp_()  # (block, vocab)
             if factor != 1.0:
                 p.mul_(factor)
             p.scatter_add_(1, target[block].unsqueeze(1), p.new_full((p.size(0), 1), -(1.0 - eps) * scale))
-            out[block] = p.sub_(eps * scale / vocab)
-        return out, None, None
+            p.sub_(eps * scale / vocab)
+            if d_bias is not None:
+                d_bias.add_(p.sum(0))
+            out[block] = p
+        return out, (d_bias.to(bias.dtype) if d_bias is not None else None), None, None

@@ -15,6 +15,7 @@ from torch import nn
 from .attention import ATTENTION_TYPES, Memory
 from .decoder import BRIDGES, Bridge, Decoder, DecoderState
 from .encoder import Encoder
+from .loss import label_smoothed_nll
 from .tokenizer import PAD_ID
 
 
@@ -164,6 +165,21 @@ class Seq2Seq(nn.Module):
         vectors, _ = self.decoder.attentional_vectors(tgt_in, state, memory)  # (batch, tgt_len, out)
         real = tgt_out != PAD_ID                                               # (batch, tgt_len)
         return self.decoder.logits(vectors[real]), tgt_out[real]               # (tokens, vocab), (tokens,)
+
+    def token_loss(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
+                   label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
+        """Summed label-smoothed cross-entropy of the real target tokens, and their count.
+
+        The value of `label_smoothed_nll(*self.token_logits(...))`; the output layer's bias is
+        added inside the loss, a cache-sized block at a time (loss.py).
+        """
+        memory, state = self.encode(src, src_len)
+        vectors, _ = self.decoder.attentional_vectors(tgt_in, state, memory)  # (batch, tgt_len, out)
+        real = tgt_out != PAD_ID                                               # (batch, tgt_len)
+        layer = self.decoder.output_layer
+        logits = nn.functional.linear(self.decoder.dropout(vectors[real]), layer.weight)  # (tokens, vocab)
+        targets = tgt_out[real]                                                # (tokens,)
+        return label_smoothed_nll(logits, targets, label_smoothing, bias=layer.bias), targets.numel()
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -14,7 +14,6 @@ from lightning.pytorch.utilities import GradClipAlgorithmType
 from . import __version__
 from .checkpoint import payload
 from .data import Batch
-from .loss import label_smoothed_nll
 from .metrics import corpus_scores
 from .model import ModelConfig, Seq2Seq
 from .schedule import annealed_lr, budget_progress
@@ -26,8 +25,7 @@ SCHEDULERS = ("plateau", "anneal", "none")
 
 def batch_loss(model: Seq2Seq, batch: Batch, label_smoothing: float) -> tuple[torch.Tensor, int]:
     """Summed label-smoothed cross-entropy of a batch's target tokens, and their count."""
-    logits, targets = model.token_logits(batch.src, batch.src_len, batch.tgt_in, batch.tgt_out)  # (tokens, vocab)
-    return label_smoothed_nll(logits, targets, label_smoothing), targets.numel()
+    return model.token_loss(batch.src, batch.src_len, batch.tgt_in, batch.tgt_out, label_smoothing)
 
 
 def adam(params, lr: float, betas: Sequence[float] = (0.9, 0.999), weight_decay: float = 0.0, *,

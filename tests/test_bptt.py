@@ -106,8 +106,8 @@ def _train_reversal(autocast: bool, steps: int = 300) -> list[float]:
     for src, src_len, tgt_in, tgt_out in _reversal_batches(steps):
         optimizer.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            logits, targets = model.token_logits(src, src_len, tgt_in, tgt_out)
-            loss = label_smoothed_nll(logits, targets, 0.1) / targets.numel()
+            loss_sum, count = model.token_loss(src, src_len, tgt_in, tgt_out, 0.1)
+            loss = loss_sum / count
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -152,6 +152,39 @@ def test_label_smoothed_nll_equals_cross_entropy_loss(smoothing, dtype, scale, m
     torch.testing.assert_close(grad, ref_grad)
 
 
+def test_the_bias_added_inside_the_loss_equals_a_linear_layer_with_its_bias():
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(30, 6, generator=g, dtype=torch.float64)
+    layer = nn.Linear(6, 13).double()
+    target = torch.randint(0, 13, (30,), generator=g)
+    ref = nn.CrossEntropyLoss(label_smoothing=0.2, reduction="sum")(layer(hidden), target)
+    ref_grads = torch.autograd.grad(ref, [layer.weight, layer.bias])
+    ours = label_smoothed_nll(nn.functional.linear(hidden, layer.weight), target, 0.2, bias=layer.bias)
+    grads = torch.autograd.grad(ours, [layer.weight, layer.bias])
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_the_loss_leaves_its_float32_logits_untouched():
+    logits = torch.randn(9, 5, requires_grad=True)
+    kept = logits.detach().clone()
+    label_smoothed_nll(logits * 1.0, torch.randint(0, 5, (9,)), 0.1, bias=torch.randn(5)).backward()
+    torch.testing.assert_close(logits.detach(), kept)
+
+
+def test_token_loss_equals_the_loss_of_token_logits():
+    model = _model("bahdanau", [12]).eval()
+    src, src_len, tgt = _batch()
+    tgt_out = tgt.clone()
+    tgt_out[2, 2:] = 0
+    with torch.no_grad():
+        loss, count = model.token_loss(src, src_len, tgt, tgt_out, 0.1)
+        logits, targets = model.token_logits(src, src_len, tgt, tgt_out)
+    assert count == int((tgt_out != 0).sum())
+    torch.testing.assert_close(loss, nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(logits, targets))
+
+
 def test_label_smoothed_nll_reads_bfloat16_logits_and_returns_their_dtype():
     logits = torch.randn(20, 11).bfloat16().requires_grad_()
     target = torch.randint(0, 11, (20,))
@@ -166,6 +199,8 @@ def test_label_smoothed_nll_reads_bfloat16_logits_and_returns_their_dtype():
 def test_label_smoothed_nll_names_bad_arguments():
     with pytest.raises(ValueError, match=r"logits must be \(rows, vocab\) and target \(rows,\), got \(2, 3, 4\)"):
         label_smoothed_nll(torch.zeros(2, 3, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bias must be \(vocab,\) = \(3,\), got \(4,\)"):
+        label_smoothed_nll(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), bias=torch.zeros(4))
     with pytest.raises(ValueError, match="label smoothing must be in \\[0, 1\\), got 1.0"):
         label_smoothed_nll(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.0)
 
