@@ -16,7 +16,8 @@ command               the argv of this run
 environment           torch_version, python_version, seq2seq_version, num_threads
                       (torch.get_num_threads()), num_interop_threads, cpu_model (from
                       /proc/cpuinfo), cpu_count (os.cpu_count), affinity_cpus (usable cores),
-                      cpu_bf16_flags (avx512_bf16/amx_bf16/... present), env (OMP_NUM_THREADS,
+                      cpu_bf16_flags (avx512_bf16/amx_bf16/... present), cpu_vector_isa
+                      (avx512f, avx2 or avx: the widest), env (OMP_NUM_THREADS,
                       MKL_NUM_THREADS as set), hostname, load_average_at_start (other jobs
                       on the machine distort every figure: check it)
 checkpoint            path, model_config, parameters (unique), src_vocab_size,
@@ -187,16 +188,20 @@ def short_error(e: BaseException) -> str:
 
 # ---- environment -------------------------------------------------------------------
 
-def cpu_info() -> tuple[str, list[str]]:
-    """The CPU's model name and its bfloat16 / AMX flags."""
+def cpu_info() -> tuple[str, list[str], str | None]:
+    """The CPU's model name (with its family and model numbers: a VM may hide the rest) and
+    its widest vector extension and bfloat16 / AMX flags."""
     fields = cpu_fields() or {}
     model = fields.get("model name") or platform.processor() or "unknown"
+    if fields.get("cpu family"):
+        model += f" (family {fields['cpu family']} model {fields.get('model', '?')})"
     flags = fields.get("flags", "").split()
-    return model, sorted(f for f in flags if "bf16" in f or f.startswith("amx"))
+    vector = next((f for f in ("avx512f", "avx2", "avx") if f in flags), None)
+    return model, sorted(f for f in flags if "bf16" in f or f.startswith("amx")), vector
 
 
 def environment() -> dict:
-    model, bf16_flags = cpu_info()
+    model, bf16_flags, vector = cpu_info()
     try:
         affinity = len(os.sched_getaffinity(0))
     except AttributeError:
@@ -211,6 +216,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "affinity_cpus": affinity,
         "cpu_bf16_flags": bf16_flags,
+        "cpu_vector_isa": vector,
         "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
         "hostname": socket.gethostname(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,

@@ -151,7 +151,7 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
         w_query = att[0].to(cdt)                                                   # (att, top)
         v = att[1].to(cdt).view(-1, 1)                                             # (att, 1)
         queries = torch.empty(steps, batch, w_query.size(0), dtype=cdt, device=dev)
-        if steps * keys_c.numel() * keys_c.element_size() <= ENERGY_BUDGET_BYTES:
+        if any(ctx.needs_input_grad) and steps * keys_c.numel() * keys_c.element_size() <= ENERGY_BUDGET_BYTES:
             energies = torch.empty((steps, *keys_c.shape), dtype=cdt, device=dev)  # (steps, batch, src_len, att)
     else:
         queries = None
