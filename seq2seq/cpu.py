@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import sys
 
 log = logging.getLogger(__name__)
@@ -39,3 +40,16 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     if not _done:
         log.debug("mallopt not accepted; allocator left as it is")
     return _done
+
+
+def limit_kernel_cache(capacity: int = 16) -> None:
+    """Keep at most `capacity` compiled oneDNN kernels (1,024 by default).
+
+    oneDNN keeps a kernel, with its own copy of the weights in its layout, for every matrix
+    shape it has met. A beam search meets a new row count at most steps, and in bfloat16 each
+    output-layer kernel of the peer-sized model holds an 8 MB weight copy: decoding test2016
+    (beam 5, batch 64) peaked at 726 MB instead of 426 MB in float32, and at 581 MB with 16
+    kernels, at the same speed. Takes effect only before oneDNN's first kernel; a value set in
+    the environment wins.
+    """
+    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))

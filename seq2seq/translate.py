@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cpu import keep_freed_memory
+from .cpu import keep_freed_memory, limit_kernel_cache
 from .data import collate
 from .ensemble import Ensemble, load_models
 from .model import Seq2Seq
@@ -67,6 +67,7 @@ class Translator:
                  info: dict | None = None, *, device: str | torch.device = "cpu",
                  max_source_len: int = 250, precision: str = "float32"):
         keep_freed_memory()
+        limit_kernel_cache()
         self.device = torch.device(device)
         self.precision = resolve_precision(precision, self.device)  # "auto" -> what it is here
         self.model = for_precision(model.to(self.device).eval(), self.precision, self.device)
