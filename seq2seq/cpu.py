@@ -49,7 +49,8 @@ def limit_kernel_cache(capacity: int = 16) -> None:
     shape it has met. A beam search meets a new row count at most steps, and in bfloat16 each
     output-layer kernel of the peer-sized model holds an 8 MB weight copy: decoding test2016
     (beam 5, batch 64) peaked at 726 MB instead of 426 MB in float32, and at 581 MB with 16
-    kernels, at the same speed. Takes effect only before oneDNN's first kernel; a value set in
-    the environment wins.
+    kernels, at the same speed. Training meets a new token count, so new output-layer shapes,
+    at almost every batch. Takes effect only before oneDNN's first kernel; a value set in the
+    environment wins.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))

@@ -29,7 +29,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 from . import toy
 from .average import average, checkpoints_oldest_first
 from .checkpoint import CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
-from .cpu import keep_freed_memory
+from .cpu import keep_freed_memory, limit_kernel_cache
 from .datamodule import TranslationDataModule
 from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
@@ -426,6 +426,7 @@ def train(cfg: DictConfig) -> dict:
         log.info("trainer.precision=%s: %s on this machine", cfg.trainer.precision, precision)
         cfg.trainer.precision = precision
     keep_freed_memory()
+    limit_kernel_cache()  # each batch's token count is a new matrix shape: without a cap, its kernels pile up
     L.seed_everything(cfg.seed, workers=True)
     resume = find_resume(cfg, run_dir)
     if resume is None:
