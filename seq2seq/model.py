@@ -154,23 +154,12 @@ class Seq2Seq(nn.Module):
         memory, state = self.encode(src, src_len)
         return self.decoder(tgt_in, state, memory)
 
-    def token_logits(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing scored where there is a target token: logits (tokens, vocab), targets (tokens,).
-
-        The output layer, the largest product of a training step, skips the padding
-        positions of `tgt_out` (batch, tgt_len) instead of computing them to ignore them.
-        """
-        memory, state = self.encode(src, src_len)
-        vectors, _ = self.decoder.attentional_vectors(tgt_in, state, memory)  # (batch, tgt_len, out)
-        real = tgt_out != PAD_ID                                               # (batch, tgt_len)
-        return self.decoder.logits(vectors[real]), tgt_out[real]               # (tokens, vocab), (tokens,)
-
     def token_loss(self, src: torch.Tensor, src_len: torch.Tensor, tgt_in: torch.Tensor, tgt_out: torch.Tensor,
                    label_smoothing: float = 0.0) -> tuple[torch.Tensor, int]:
         """Summed label-smoothed cross-entropy of the real target tokens, and their count.
 
-        The value of `label_smoothed_nll(*self.token_logits(...))`; the output layer's bias is
+        The output layer, the largest product of a training step, skips the padding positions
+        of `tgt_out` (batch, tgt_len) instead of computing them to ignore them, and its bias is
         added inside the loss, a cache-sized block at a time (loss.py).
         """
         memory, state = self.encode(src, src_len)
