@@ -626,10 +626,13 @@ def bench_profile(args, model_config: dict, src_tok, tgt_tok, opts: dict) -> dic
     from torch.profiler import ProfilerActivity, profile
 
     out = {}
-    say(f"profile: one training step of {args.train_batch_size} after {args.warmup} warm-up steps ...")
+    say(f"profile: one {args.profile_precision} training step of {args.train_batch_size} "
+        f"after {args.warmup} warm-up steps ...")
     batches, _ = training_batches(args, src_tok, tgt_tok, opts, args.warmup + 1, args.train_batch_size)
     prof = profile(activities=[ProfilerActivity.CPU])
-    run_training(model_config, opts, batches, warmup=args.warmup, steps=1, seed=args.seed, around_timed=lambda: prof)
+    dtype = torch.bfloat16 if args.profile_precision == "bf16-mixed" else None
+    run_training(model_config, opts, batches, warmup=args.warmup, steps=1, seed=args.seed,
+                 autocast_dtype=dtype, around_timed=lambda: prof)
     out["train_step"] = top_ops(prof, args.profile_rows)
     lines, _ = test_lines(args)
     translator = Translator.from_checkpoint(args.checkpoint)
@@ -972,6 +975,8 @@ def parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("profile (only with --only ...,profile)")
     g.add_argument("--profile-rows", type=positive_int, default=15,
                    help="operators kept per profile, largest self time first (default: %(default)s)")
+    g.add_argument("--profile-precision", choices=["float32", "bf16-mixed"], default="float32",
+                   help="the training step profiled runs in this precision (default: %(default)s)")
     g = p.add_argument_group("scale (only with --only ...,scale)")
     g.add_argument("--scale-pairs", type=int_list, default=[30_000, 5_000_000],
                    help="corpus sizes to synthesise and train on (default: 30000,5000000)")

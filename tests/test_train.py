@@ -432,8 +432,8 @@ def test_csv_metrics_of_a_resumed_run_keep_the_rows_from_before(tmp_path):
 
 
 @pytest.mark.parametrize("budget, warns", [
-    (dict(max_steps=-1, max_epochs=4, num_training_batches=454), True),      # 1,816 steps: 40% left
-    (dict(max_steps=-1, max_epochs=40, num_training_batches=454), False),    # the full recipe: 0.01%
+    (dict(max_steps=-1, max_epochs=4, num_training_batches=454), True),      # 1,816 steps: 39%
+    (dict(max_steps=-1, max_epochs=40, num_training_batches=454), False),    # the full recipe: 1%
     (dict(max_steps=500, max_epochs=40, num_training_batches=454), True),    # max_steps ends it first
     (dict(max_steps=-1, max_epochs=-1, num_training_batches=454), None),     # wall time only: unknown
 ])
@@ -443,13 +443,38 @@ def test_a_moving_average_longer_than_the_budget_is_warned_of(budget, warns, cap
     from seq2seq.train import MovingAverage
     trainer = SimpleNamespace(accumulate_grad_batches=1, **budget)
     with caplog.at_level("WARNING", logger="seq2seq.train"):
-        left = MovingAverage(0.9995).warn_if_budget_too_short(trainer)
+        first_half = MovingAverage(0.9995).warn_if_budget_too_short(trainer)
     if warns is None:
-        assert left is None and not caplog.records
+        assert first_half is None and not caplog.records
         return
-    assert (left > 0.1) == warns and bool(caplog.records) == warns
+    assert (first_half > 0.25) == warns and bool(caplog.records) == warns
     if warns:
-        assert "train.ema_decay=0.9995" in caplog.text and "still holds" in caplog.text
+        assert "train.ema_decay=0.9995" in caplog.text and "first half of training" in caplog.text
+
+
+@pytest.mark.parametrize("decay", [0.5, 0.9, 0.9995])
+def test_the_moving_average_weighs_the_steps_it_has_seen_and_nothing_else(decay):
+    """After n updates the average is sum_k decay^(n-k) w_k / sum_k decay^(n-k) over the steps'
+    weights w_1..w_n, through torch's AveragedModel as Lightning drives it: the first step's
+    weights hold no more than their share, however few steps there were."""
+    from torch.optim.swa_utils import AveragedModel
+
+    from seq2seq.train import normalised_ema
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    average = AveragedModel(model, multi_avg_fn=normalised_ema(decay))
+    seen = []
+    for n in range(1, 8):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.copy_(torch.randn_like(p) * n)
+        seen.append([p.detach().clone().double() for p in model.parameters()])
+        average.update_parameters(model)
+        weights = [decay ** (n - k) for k in range(1, n + 1)]
+        for i, p in enumerate(average.module.parameters()):
+            expected = sum(w * s[i] for w, s in zip(weights, seen)) / sum(weights)
+            torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_resuming_with_the_moving_average_switched_on_or_off_is_refused(tmp_path, toy_data):
