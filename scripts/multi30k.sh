@@ -2,7 +2,7 @@
 # The main job, end to end on a fresh machine: install, prepare Multi30k, train,
 # translate a few sentences, print test2016 BLEU and chrF with their signatures.
 #
-#   bash scripts/multi30k.sh            # quick schedule: 4 epochs, 10-20 minutes on a 2-core CPU
+#   bash scripts/multi30k.sh            # quick schedule: 3 epochs (De->En: 4), minutes on a 2-core CPU
 #   bash scripts/multi30k.sh --full     # the full recipe (up to 2 hours on a 2-core CPU)
 #   bash scripts/multi30k.sh --full de_en
 #
@@ -32,7 +32,7 @@ fi
 experiment="multi30k_${direction}"
 if [[ "$schedule" == quick ]]; then
     experiment="${experiment}_quick"
-    echo ">>> QUICK schedule: 4 epochs (10-20 minutes on a 2-core CPU; BLEU below the full recipe)." >&2
+    echo ">>> QUICK schedule: a few epochs (minutes on a 2-core CPU; BLEU below the full recipe)." >&2
     echo ">>> The full recipe: bash scripts/multi30k.sh --full ${direction}" >&2
 fi
 run_dir="runs/${experiment}"

@@ -214,6 +214,16 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
             f"cannot resume: {last} was trained with a different model or tokenizer config; "
             f"use another hydra.run.dir (or name=...) or train.resume=false"
         )
+    keys = ("dir", "src_lang", "tgt_lang", "train")
+    trained_on = {k: saved.get("data", {}).get(k) for k in keys}
+    asked = {k: cfg.data.get(k) for k in keys}
+    if trained_on != asked:
+        def describe(d):
+            return f"{d['dir']}/{d['train']}.{d['src_lang']} -> .{d['tgt_lang']}"
+        raise InputError(
+            f"cannot resume: {last} was trained on {describe(trained_on)} and this run asks for "
+            f"{describe(asked)}; use another hydra.run.dir (or name=...) or train.resume=false"
+        )
     was = float(saved.get("train", {}).get("ema_decay", 0.0) or 0.0)
     now = float(cfg.train.ema_decay)
     if (was > 0) != (now > 0):

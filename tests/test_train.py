@@ -150,7 +150,7 @@ def test_the_quick_schedules_are_bounded_by_epochs_and_average_nothing(experimen
     cfg = _compose([f"experiment={experiment}", f"data.dir={tmp_path}"])
     assert cfg.trainer.max_time is None and cfg.trainer.max_steps == -1
     assert 1 <= cfg.trainer.max_epochs <= 5
-    # a moving average of the weights needs far more steps than 4 epochs to forget the first ones
+    # a moving average of the weights would span most of a few epochs, the first ones included
     assert cfg.train.ema_decay == 0 and cfg.evaluate.average_last == 0
 
 
@@ -492,3 +492,23 @@ def test_resuming_with_the_moving_average_switched_on_or_off_is_refused(tmp_path
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == ckpt
     resumed = run_cli([*common, "train.ema_decay=0.99", "trainer.max_steps=20"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
+
+
+def test_resuming_on_other_training_data_is_refused(tmp_path, toy_data):
+    """Two corpora of one language pair share runs/files-SRC-TGT by default: the second run
+    must not quietly continue the first's model on other data."""
+    import shutil
+    other = tmp_path / "other"
+    shutil.copytree(toy_data, other)
+    common = ["seq2seq-train", "experiment=toy", "model.embedding_size=16", "model.encoder_hidden_size=16",
+              "model.decoder_hidden_sizes=[16]", "evaluate.alpha=0", "trainer.max_epochs=1",
+              f"hydra.run.dir={tmp_path / 'run'}"]
+    first = run_cli([*common, f"data.dir={toy_data}", "trainer.max_steps=10"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr.decode()[-2000:]
+    ckpt = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
+    refused = run_cli([*common, f"data.dir={other}", "trainer.max_steps=20"], cwd=tmp_path)
+    assert refused.returncode != 0
+    err = refused.stderr.decode()
+    assert f"was trained on {toy_data}/train." in err and f"this run asks for {other}/train." in err
+    assert "train.resume=false" in err
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == ckpt
