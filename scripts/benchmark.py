@@ -18,7 +18,8 @@ environment           torch_version, python_version, seq2seq_version, num_thread
                       /proc/cpuinfo), cpu_count (os.cpu_count), affinity_cpus (usable cores),
                       cpu_bf16_flags (avx512_bf16/amx_bf16/... present), cpu_vector_isa
                       (avx512f, avx2 or avx: the widest), env (OMP_NUM_THREADS,
-                      MKL_NUM_THREADS as set), hostname, load_average_at_start (other jobs
+                      MKL_NUM_THREADS, SEQ2SEQ_FLOAT32_MATMUL as set), float32_matmul
+                      (onednn or blas: seq2seq/matmul.py), hostname, load_average_at_start (other jobs
                       on the machine distort every figure: check it)
 checkpoint            path, model_config, parameters (unique), src_vocab_size,
                       tgt_vocab_size, label_smoothing / lr / max_len (training options
@@ -28,7 +29,10 @@ peak                  matmul peak of this machine at the current thread count:
   float32, bfloat16     {gflops (best timed repeat), median_gflops, repeats, seconds
                         (each timed repeat), warmup_seconds}; or {"error": ...}. Warm-up
                         and repeats stop early once --peak-budget is spent (bfloat16
-                        without native CPU support runs at a few GFLOP/s)
+                        without native CPU support runs at a few GFLOP/s). float32 is
+                        measured through the library training's float32 products use
+                        (environment.float32_matmul); where that is oneDNN, float32_blas
+                        is torch.matmul's own BLAS (MKL) beside it
 train                 training throughput on DATA/train.SRC / DATA/train.TGT, fresh model
                       (seed), BucketBatchSampler(batch_size, seed), model.train(), one step =
                       forward + CE(label_smoothing, ignore PAD, sum) / target tokens +
@@ -123,14 +127,14 @@ from omegaconf import OmegaConf
 from torch import nn
 
 import seq2seq
+from seq2seq import matmul
 from seq2seq.checkpoint import CheckpointError, load_model
-from seq2seq.cpu import keep_freed_memory
+from seq2seq.cpu import cpu_fields, keep_freed_memory
 from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
 from seq2seq.files import InputError, read_lines
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import build_model
 from seq2seq.module import adam, batch_loss
-from seq2seq.quantize import cpu_fields
 from seq2seq.token_cache import cached_dataset
 from seq2seq.tokenizer import PAD_ID, train_tokenizer
 from seq2seq.train import training_precision
@@ -217,7 +221,8 @@ def environment() -> dict:
         "affinity_cpus": affinity,
         "cpu_bf16_flags": bf16_flags,
         "cpu_vector_isa": vector,
-        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ},
+        "float32_matmul": "onednn" if matmul.enabled() else "blas",
+        "env": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", matmul.ENV) if k in os.environ},
         "hostname": socket.gethostname(),
         "load_average_at_start": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
@@ -274,16 +279,25 @@ def test_lines(args) -> tuple[list[str], list[str]]:
 
 # ---- 1. peak -----------------------------------------------------------------------
 
-def matmul_gflops(dtype: torch.dtype, n: int, repeats: int, warmup: int, budget_s: float) -> dict:
-    """Best and median GFLOP/s of n x n @ n x n matmuls; stops repeating past budget_s."""
+def matmul_gflops(dtype: torch.dtype, n: int, repeats: int, warmup: int, budget_s: float,
+                  onednn: bool = False) -> dict:
+    """Best and median GFLOP/s of n x n @ n x n matmuls; stops repeating past budget_s.
+    onednn: through seq2seq.matmul's oneDNN path (float32), as training's products run when routed."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(n, n, generator=g).to(dtype)
     b = torch.randn(n, n, generator=g).to(dtype)
     c = torch.empty(n, n, dtype=dtype)
+
+    def product():
+        if onednn:
+            matmul.mm_t(a, b, out=c)
+        else:
+            torch.matmul(a, b, out=c)
+
     flops = 2.0 * n ** 3
     start = time.perf_counter()
     for _ in range(warmup):
-        torch.matmul(a, b, out=c)
+        product()
         if time.perf_counter() - start > budget_s / 2:  # a slow (emulated) dtype: one is enough
             break
     warm = time.perf_counter() - start
@@ -291,7 +305,7 @@ def matmul_gflops(dtype: torch.dtype, n: int, repeats: int, warmup: int, budget_
     begin = time.perf_counter()
     for _ in range(repeats):
         t0 = time.perf_counter()
-        torch.matmul(a, b, out=c)
+        product()
         times.append(time.perf_counter() - t0)
         if time.perf_counter() - begin > budget_s:
             break
@@ -302,9 +316,15 @@ def matmul_gflops(dtype: torch.dtype, n: int, repeats: int, warmup: int, budget_
 
 def bench_peak(args) -> dict:
     out: dict = {"size": args.peak_size, "flops_per_matmul": 2 * args.peak_size ** 3}
-    for name, dtype in (("float32", torch.float32), ("bfloat16", torch.bfloat16)):
+    # float32: the library this process's float32 products use (seq2seq.matmul); where that is
+    # oneDNN, float32_blas is torch.matmul's own (MKL) for comparison
+    kinds = [("float32", torch.float32, matmul.enabled()), ("bfloat16", torch.bfloat16, False)]
+    if matmul.enabled():
+        kinds.insert(1, ("float32_blas", torch.float32, False))
+    for name, dtype, onednn in kinds:
         try:
-            r = matmul_gflops(dtype, args.peak_size, args.peak_repeats, args.peak_warmup, args.peak_budget)
+            r = matmul_gflops(dtype, args.peak_size, args.peak_repeats, args.peak_warmup, args.peak_budget,
+                              onednn=onednn)
             say(f"peak {name:9s} {r['gflops']:9.1f} GFLOP/s  (median {r['median_gflops']:.1f}, "
                 f"{r['repeats']} repeats of {args.peak_size}^3)")
         except Exception as e:  # noqa: BLE001 - a dtype this CPU build cannot do is a result
@@ -835,9 +855,10 @@ def print_table(report: dict) -> None:
         f"load at start {env['load_average_at_start']}")
     if "peak" in report:
         p = report["peak"]
-        for k in ("float32", "bfloat16"):
-            v = p[k]
-            say(f"peak {k:10s} " + (f"{v['gflops']:.1f} GFLOP/s" if "gflops" in v else str(v)))
+        for k in ("float32", "float32_blas", "bfloat16"):
+            if k in p:
+                v = p[k]
+                say(f"peak {k:12s} " + (f"{v['gflops']:.1f} GFLOP/s" if "gflops" in v else str(v)))
     if "train" in report:
         t = report["train"]
         say(f"{'train':22s} {'tgt tok/s':>10s} {'sent/s':>8s} {'s/step':>8s} {'pad':>6s} {'GFLOP/s':>8s} {'%fp32pk':>8s}")

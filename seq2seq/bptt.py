@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from .dropout import dropout_mask
+from .matmul import addmm_t, mm_t, mm_tn, transposed
 
 # The Bahdanau energies of every step are kept for the backward pass when they take at
 # most this much memory; beyond it (long sentences) each step's are recomputed.
@@ -122,7 +123,7 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
     w_ih0, _, b_ih0, b_hh0 = params[0]
     emb_t = embedded.transpose(0, 1).reshape(steps * batch, emb_size).to(cdt)   # (steps*batch, emb)
     w_emb = w_ih0[:, :emb_size].to(cdt)                                            # (4h0, emb)
-    pre0 = torch.addmm((b_ih0 + b_hh0).to(cdt), emb_t, w_emb.t()).view(steps, batch, -1)  # (steps, batch, 4h0)
+    pre0 = addmm_t((b_ih0 + b_hh0).to(cdt), emb_t, w_emb).view(steps, batch, -1)   # (steps, batch, 4h0)
     # per layer: [input; h] @ [W_ih; W_hh]^T, the input being the previous attentional vector for layer 0
     w_cat = [torch.cat([(w_ih[:, emb_size:] if i == 0 else w_ih), w_hh], 1).to(cdt)
              for i, (w_ih, w_hh, _, _) in enumerate(params)]                        # (4h, in + h)
@@ -161,9 +162,9 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
     for t in range(steps):
         for i, h in enumerate(sizes):
             if i == 0:
-                gates = torch.addmm(pre0[t], z[0][t], w_cat[0].t())               # (batch, 4h)
+                gates = addmm_t(pre0[t], z[0][t], w_cat[0])                       # (batch, 4h)
             else:
-                gates = torch.addmm(biases[i], z[i][t], w_cat[i].t())
+                gates = addmm_t(biases[i], z[i][t], w_cat[i])
             act = acts[i][t]
             torch.sigmoid(gates[:, :2 * h], out=act[:, :2 * h])
             torch.tanh(gates[:, 2 * h:3 * h], out=act[:, 2 * h:3 * h])
@@ -177,7 +178,7 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
                 z[i + 1][t, :, :in_sizes[i + 1]] = h_new if drop is None else h_new * drop[i + 1][t]
         query = z[-1][t + 1, :, in_sizes[-1]:]                                     # (batch, top) in cdt
         if spec.attention == "bahdanau":
-            q = torch.mm(query, w_query.t(), out=queries[t])                       # (batch, att)
+            q = mm_t(query, w_query, out=queries[t])                               # (batch, att)
             energy = torch.add(keys_c, q.unsqueeze(1), out=None if energies is None else energies[t]).tanh_()
             # energy: (batch, src_len, att)
             scores = torch.mm(energy.view(-1, energy.size(2)), v).view(batch, -1)  # (batch, src_len)
@@ -189,7 +190,7 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
         row = combined[t]
         torch.bmm(alpha.to(cdt).unsqueeze(1), values_c, out=row[:, :value_size].unsqueeze(1))  # context
         row[:, value_size:] = query
-        vec = torch.tanh(torch.mm(row, w_comb.t()).to(f32), out=vectors[t])        # (batch, out)
+        vec = torch.tanh(mm_t(row, w_comb).to(f32), out=vectors[t])                # (batch, out)
         z[0][t + 1, :, :out_size] = vec
 
     ctx.spec, ctx.shapes = spec, (batch, steps, emb_size, out_size, in_sizes, value_size)
@@ -251,12 +252,15 @@ def _backward(ctx, d_vectors):
     d_h = [torch.zeros(batch, h, dtype=f32, device=dev) for h in sizes]            # from step t+1
     d_c = [torch.zeros(batch, h, dtype=f32, device=dev) for h in sizes]
     d_feed = torch.zeros(batch, out_size, dtype=f32, device=dev)
+    # the weights as the step products read them (contiguous copies on the oneDNN path)
+    w_comb_t, w_cat_t = transposed(w_comb), [transposed(w) for w in w_cat]
+    w_query_t = transposed(w_query) if bahdanau else None
 
     for t in reversed(range(steps)):
         vec = vectors[t]
         d_pre = (d_vec[t] + d_feed).mul_(1 - vec * vec)                             # (batch, out)
         d_comb_pre[t] = d_pre
-        d_row = torch.mm(d_comb_pre[t], w_comb, out=d_combined[t])                 # (batch, enc_out + top)
+        d_row = mm_t(d_comb_pre[t], w_comb_t, out=d_combined[t])                   # (batch, enc_out + top)
         d_context = d_row[:, :value_size]
         d_top = d_row[:, value_size:].to(f32)
         alpha = weights[t]                                                         # (batch, src_len)
@@ -275,7 +279,7 @@ def _backward(ctx, d_vectors):
             ds_sum.add_(d_scores)
             d_q = (d_scores.sum(1, keepdim=True) - sq_weighted).mul_(v)            # (batch, att)
             d_queries[t] = d_q
-            d_top.add_(torch.mm(d_queries[t], w_query))
+            d_top.add_(mm_t(d_queries[t], w_query_t))
         else:
             d_scores_all[t] = d_scores
             d_top.add_(torch.bmm(d_scores_all[t].unsqueeze(1), keys_c).squeeze(1))
@@ -293,7 +297,7 @@ def _backward(ctx, d_vectors):
             dg[:, 2 * h:3 * h] = dc * gate_i * (1 - gate_g * gate_g)
             dg[:, 3 * h:] = dh * tc * gate_o * (1 - gate_o)
             d_c[i] = dc.mul_(gate_f)
-            d_in = torch.mm(dg, w_cat[i]).to(f32)                                   # (batch, in + h)
+            d_in = mm_t(dg, w_cat_t[i]).to(f32)                                     # (batch, in + h)
             d_h[i] = d_in[:, in_sizes[i]:]
             if i > 0:
                 d_input = d_in[:, :in_sizes[i]]
@@ -309,24 +313,24 @@ def _backward(ctx, d_vectors):
     grads_params = []
     for i in range(n):
         dg = flat(d_gates[i])                                                      # (steps*batch, 4h)
-        d_wcat = torch.mm(dg.t(), flat(z[i][:steps])).to(f32)                      # (4h, in + h)
+        d_wcat = mm_tn(dg, flat(z[i][:steps])).to(f32)                             # (4h, in + h)
         d_b = dg.to(f32).sum(0)                                                    # (4h,)
         d_wih = d_wcat[:, :in_sizes[i]]
         if i == 0:
-            d_wih = torch.cat([torch.mm(dg.t(), emb_t).to(f32), d_wih], 1)         # (4h, emb + out)
+            d_wih = torch.cat([mm_tn(dg, emb_t).to(f32), d_wih], 1)                # (4h, emb + out)
         grads_params += [d_wih, d_wcat[:, in_sizes[i]:], d_b, d_b.clone()]
-    d_emb = torch.mm(flat(d_gates[0]), w_emb).view(steps, batch, emb_size).transpose(0, 1)  # (batch, steps, emb)
+    d_emb = mm_t(flat(d_gates[0]), transposed(w_emb)).view(steps, batch, emb_size).transpose(0, 1)  # (batch, steps, emb)
     tops = combined[:, :, value_size:].transpose(0, 1)                             # (batch, steps, top)
     weights_c = weights.permute(1, 2, 0).to(cdt)                                   # (batch, src_len, steps)
     d_values = torch.bmm(weights_c, d_combined[:, :, :value_size].transpose(0, 1))  # (batch, src_len, enc_out)
     att_grads = []
     if bahdanau:
-        d_wq = torch.mm(flat(d_queries).t(), flat(combined[:, :, value_size:]))    # (att, top)
+        d_wq = mm_tn(flat(d_queries), flat(combined[:, :, value_size:]))           # (att, top)
         d_keys = ds_energy_sq.neg_().add_(ds_sum.unsqueeze(2)).mul_(v)             # (batch, src_len, att)
         att_grads = [d_wq, d_v]
     else:
         d_keys = torch.bmm(d_scores_all.permute(1, 2, 0), tops)                    # (batch, src_len, key_dim)
-    d_wcomb = torch.mm(flat(d_comb_pre).t(), flat(combined))                       # (out, enc_out + top)
+    d_wcomb = mm_tn(flat(d_comb_pre), flat(combined))                              # (out, enc_out + top)
     d_states = [(d_h[i], d_c[i]) for i in range(n)]
 
     emb_dt, feed_dt, values_dt, keys_dt = ctx.input_dtypes

@@ -14,6 +14,7 @@ import ctypes.util
 import logging
 import os
 import sys
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -54,3 +55,18 @@ def limit_kernel_cache(capacity: int = 16) -> None:
     environment wins.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+
+
+def cpu_fields() -> dict[str, str] | None:
+    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); None where unreadable."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return None
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            break   # the end of the first processor's block
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields

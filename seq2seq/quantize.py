@@ -40,11 +40,11 @@ from __future__ import annotations
 import copy
 import logging
 import warnings
-from pathlib import Path
 
 import torch
 from torch import nn
 
+from .cpu import cpu_fields
 from .ensemble import Ensemble
 from .model import Seq2Seq
 
@@ -182,21 +182,6 @@ def quantize_int8(model: Seq2Seq) -> Seq2Seq:
 # faster than float32, so only they make `auto` choose it.
 BF16_FLAGS = ("avx512_bf16", "amx_bf16", "avx_ne_convert")
 BF16_COMPUTE_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def cpu_fields() -> dict[str, str] | None:
-    """The first processor's fields in /proc/cpuinfo ("model name", "flags", ...); None where unreadable."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return None
-    fields: dict[str, str] = {}
-    for line in text.splitlines():
-        if not line.strip():
-            break   # the end of the first processor's block
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
 
 
 def cpu_has_bfloat16() -> bool | None:

@@ -25,7 +25,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
-from . import toy
+from . import matmul, toy
 from .average import average, checkpoints_oldest_first
 from .checkpoint import CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
 from .cpu import keep_freed_memory, limit_kernel_cache
@@ -452,6 +452,9 @@ def train(cfg: DictConfig) -> dict:
     if precision != cfg.trainer.precision:
         log.info("trainer.precision=%s: %s on this machine", cfg.trainer.precision, precision)
         cfg.trainer.precision = precision
+    onednn = matmul.enabled()  # a bad SEQ2SEQ_FLOAT32_MATMUL is refused here, before any work
+    if not precision.startswith(("bf16", "16")) and _trains_on_cpu(cfg.trainer):
+        log.info("float32 matrix products: %s", "oneDNN" if onednn else "the default BLAS (MKL)")
     keep_freed_memory()
     limit_kernel_cache()  # each batch's token count is a new matrix shape: without a cap, its kernels pile up
     L.seed_everything(cfg.seed, workers=True)

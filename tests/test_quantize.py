@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from seq2seq import quantize
+from seq2seq import cpu, quantize
 from seq2seq.ensemble import Ensemble
 from seq2seq.metrics import corpus_scores
 from seq2seq.model import ModelConfig, Seq2Seq
@@ -162,7 +162,7 @@ def test_int8_results_do_not_depend_on_the_rest_of_the_batch(tiny_model):
 
 def test_cpu_flags_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"
-    monkeypatch.setattr(quantize, "Path", lambda _: cpuinfo)
+    monkeypatch.setattr(cpu, "Path", lambda _: cpuinfo)
     assert quantize.cpu_fields() is None and quantize.cpu_has_bfloat16() is None   # unreadable: unknown
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2\n\n"
                        "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")

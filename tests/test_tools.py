@@ -256,13 +256,16 @@ def test_benchmark_json_covers_training_decoding_scale_and_profile(toy_run, tmp_
     script = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
     proc = subprocess.run(
         [sys.executable, str(script), "-c", str(toy_run["model"]), "--data", str(toy_run["data"]), "--src", "src",
-         "--tgt", "tgt", "--test-split", "test", "--only", "train,decode,scale,profile", "--train-steps", "2", "--warmup", "1", "--train-batch-size", "16",
+         "--tgt", "tgt", "--test-split", "test", "--only", "peak,train,decode,scale,profile", "--peak-size", "64", "--train-steps", "2", "--warmup", "1", "--train-batch-size", "16",
          "--bf16-guard", "3", "--scale-pairs", "300,3000", "--scale-sp-sample", "500", "--scale-train-steps", "2",
          "--scale-dir", str(tmp_path / "scale"), "--sentences", "20", "--batch-sizes", "64", "--beam-sizes", "1",
          "--no-bf16-decode", "--json"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
+    peak = report["peak"]   # float32 through the library training uses; beside MKL's where that is oneDNN
+    assert peak["float32"]["gflops"] > 0 and report["environment"]["float32_matmul"] in ("onednn", "blas")
+    assert ("float32_blas" in peak) == (report["environment"]["float32_matmul"] == "onednn")
     fp32 = report["train"]["float32"]
     assert fp32["tgt_tokens_per_s"] > 0 and 0 <= fp32["tgt_padding_fraction"] < 1
     rows = {(r["dtype"], r["beam_size"], r["batch_size"]): r for r in report["decode"]["rows"]}
@@ -288,4 +291,5 @@ def test_benchmark_json_covers_training_decoding_scale_and_profile(toy_run, tmp_
         assert ops and len(ops) <= 15 and all(o["calls"] >= 1 for o in ops)
         assert [o["self_ms"] for o in ops] == sorted((o["self_ms"] for o in ops), reverse=True)
         assert 0 < sum(o["share"] for o in ops) <= 1.0001
-    assert any("addmm" in o["op"] or o["op"] == "aten::mm" for o in report["profile"]["train_step"]["ops"])
+    assert any("addmm" in o["op"] or o["op"] in ("aten::mm", "mkldnn::_linear_pointwise")
+               for o in report["profile"]["train_step"]["ops"])
