@@ -88,7 +88,7 @@ def mm_t(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> t
     is copied at every call on the oneDNN path.
     """
     if _routed(a, w):
-        y = _lp(a, w if w.is_contiguous() else w.contiguous())
+        y = _lp(a, w.contiguous())
         return y if out is None else out.copy_(y)
     return torch.mm(a, w.t(), out=out)
 
@@ -96,8 +96,7 @@ def mm_t(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None) -> t
 def addmm_t(c: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """c + a (m, k) @ w (n, k)^T, c (n,) or (m, n): `torch.addmm(c, a, w.T)`."""
     if _routed(a, w, c):
-        w = w if w.is_contiguous() else w.contiguous()
-        return _lp(a, w).add_(c)
+        return _lp(a, w.contiguous()).add_(c)
     return torch.addmm(c, a, w.t())
 
 
@@ -125,7 +124,7 @@ class _Linear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
-        d_x = _lp(grad, weight.t().contiguous()) if ctx.needs_input_grad[0] else None  # (rows, in)
+        d_x = _lp(grad, transposed(weight)) if ctx.needs_input_grad[0] else None       # (rows, in)
         d_w = mm_tn(grad, x) if ctx.needs_input_grad[1] else None                      # (out, in)
         return d_x, d_w
 
