@@ -39,7 +39,28 @@ run_dir="runs/${experiment}"
 for arg in "$@"; do  # a hydra.run.dir=... override of the user's wins, here too
     if [[ "$arg" == hydra.run.dir=* ]]; then run_dir="${arg#hydra.run.dir=}"; fi
 done
-seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}" "$@"
+if [[ "$schedule" == quick ]]; then
+    seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}" "$@"
+else
+    # The full recipe is an ensemble: two models (seeds 1 and 2, one tokenizer) trained side by
+    # side, each on half of the cores for the recipe's time, packed into one model.pt whose
+    # length penalty is chosen on the validation set.
+    mkdir -p "$run_dir"
+    threads=$(( $(nproc) / 2 )); (( threads >= 1 )) || threads=1
+    pids=()
+    for seed in 1 2; do
+        echo ">>> training member ${seed} of 2 on ${threads} thread(s): ${run_dir}/member${seed}/train.log" >&2
+        OMP_NUM_THREADS=$threads seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}/member${seed}" \
+            "seed=${seed}" tokenizer.seed=1 data.test=null 'evaluate.alphas=[0.0]' "$@" \
+            > "${run_dir}/member${seed}.out" 2>&1 &
+        pids+=("$!")
+    done
+    failed=0
+    for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    if (( failed )); then echo "training failed: see ${run_dir}/member*.out" >&2; exit 1; fi
+    seq2seq-ensemble -c "${run_dir}/member1/model.pt" -c "${run_dir}/member2/model.pt" -o "${run_dir}/model.pt"
+    seq2seq-tune -c "${run_dir}/model.pt" -s "data/multi30k/valid.${src}" -r "data/multi30k/valid.${tgt}" --beam-size 5
+fi
 
 echo ">>> A few test sentences (${src} -> ${tgt}), beam 5:" >&2
 head -n 3 "data/multi30k/test2016.${src}" | seq2seq-translate --checkpoint "${run_dir}/model.pt" --beam-size 5 --quiet

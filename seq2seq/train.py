@@ -175,7 +175,7 @@ def build_tokenizers(cfg: DictConfig, resume_from: Path | None) -> tuple[Tokeniz
     src_path, tgt_path = split_paths(cfg, "train")
     t = cfg.tokenizer
     kwargs = dict(model_type=t.model_type, character_coverage=t.character_coverage,
-                  max_sentences=t.max_sentences, seed=cfg.seed)
+                  max_sentences=t.max_sentences, seed=int(t.seed))
     if t.joint:
         tok = train_tokenizer([src_path, tgt_path], t.vocab_size, **kwargs)
         return tok, tok
