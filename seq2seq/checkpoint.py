@@ -9,9 +9,10 @@ holds, besides tensors, only plain Python data under the key "seq2seq":
      "config": {...},                             # the resolved training config
      "meta": {...}}                               # languages, best BLEU, versions, ...
 
-and the weights under "state_dict" (keys prefixed "model."). It is always loaded
-with `torch.load(weights_only=True)`, so a file carrying a pickled payload is
-refused before anything in it can run.
+and the weights under "state_dict" (keys prefixed "model."). An ensemble file
+(format version 2, written by ensemble.py) holds several such models under one
+tokenizer. Every file is loaded with `torch.load(weights_only=True)`, so a file
+carrying a pickled payload is refused before anything in it can run.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from .files import atomic_write
 from .model import ModelConfig, Seq2Seq, build_model
 from .tokenizer import Tokenizer
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 1           # one model
+ENSEMBLE_FORMAT_VERSION = 2  # several models in one file (ensemble.py)
+NEWEST_FORMAT_VERSION = ENSEMBLE_FORMAT_VERSION
 PREFIX = "model."
 
 
@@ -82,27 +85,40 @@ def read_checkpoint(path: str | Path) -> dict:
     version = ckpt["seq2seq"].get("format_version")
     if not isinstance(version, int):
         raise CheckpointError(f"not a valid seq2seq checkpoint: {path} (no format version)")
-    if version > FORMAT_VERSION:
+    if version > NEWEST_FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {version}, newer than this seq2seq reads "
-            f"({FORMAT_VERSION}); upgrade seq2seq to load it"
+            f"({NEWEST_FORMAT_VERSION}); upgrade seq2seq to load it"
         )
     return ckpt
+
+
+def is_ensemble(info: dict) -> bool:
+    """Whether a checkpoint's payload describes several models (an ensemble file)."""
+    return info.get("kind") == "ensemble"
+
+
+def model_from(info: dict, state_dict: dict[str, Any], path: str | Path) -> tuple[Seq2Seq, Tokenizer, Tokenizer]:
+    """The model (eval mode) and tokenizers of one model's payload and its "model."-prefixed weights."""
+    try:
+        model = build_model(dict(info["model_config"]))
+        state = {k[len(PREFIX):]: v for k, v in state_dict.items() if k.startswith(PREFIX)}
+        model.load_state_dict(state, strict=True)
+        src_tok, tgt_tok = tokenizers_from_payload(info)
+    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} ({type(e).__name__}: {first})") from None
+    return model.eval(), src_tok, tgt_tok
 
 
 def load_model(path: str | Path) -> tuple[Seq2Seq, Tokenizer, Tokenizer, dict]:
     """Model (eval mode, CPU), source and target tokenizers, and the plain-data payload."""
     ckpt = read_checkpoint(path)
     info = ckpt["seq2seq"]
-    try:
-        model = build_model(dict(info["model_config"]))
-        state = {k[len(PREFIX):]: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)}
-        model.load_state_dict(state, strict=True)
-        src_tok, tgt_tok = tokenizers_from_payload(info)
-    except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
-        first = str(e).strip().splitlines()[0]
-        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} ({type(e).__name__}: {first})") from None
-    model.eval()
+    if is_ensemble(info):
+        raise CheckpointError(f"{path} is an ensemble of {len(info.get('members') or [])} models, not one model: "
+                              f"seq2seq.ensemble.load_models reads it (as translate, evaluate, tune and info do)")
+    model, src_tok, tgt_tok = model_from(info, ckpt["state_dict"], path)
     return model, src_tok, tgt_tok, info
 
 

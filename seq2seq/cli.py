@@ -1,4 +1,4 @@
-"""The command lines (translate, evaluate, tune, average, info, plot-training): thin layers
+"""The command lines (translate, evaluate, tune, average, ensemble, info, plot-training): thin layers
 over Translator, metrics and the other modules.
 
 stdout carries results only (one line per input line, or the scores); logs and
@@ -27,6 +27,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from .average import average, latest_checkpoints
 from .checkpoint import CheckpointError
+from .ensemble import pack
 from .files import InputError, atomic_write, check_output_path, decode_lines, read_lines
 from .info import format_card, model_card
 from .metrics import corpus_scores
@@ -492,6 +493,33 @@ def _average(argv: Sequence[str] | None) -> int:
 
 def average_main(argv: Sequence[str] | None = None) -> int:
     return _run(_average, argv)
+
+
+# ---- ensemble -------------------------------------------------------------------
+
+def ensemble_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="seq2seq-ensemble",
+        description="Pack several models sharing one tokenizer into one ensemble file, which translate, "
+                    "evaluate, serve and info take like any model.pt (the models' log-probabilities are "
+                    "averaged at every step). Then choose its length penalty: seq2seq-tune -c OUTPUT ...")
+    p.add_argument("--checkpoint", "-c", required=True, action="append",
+                   help="a model.pt, .ckpt or ensemble file; repeat it (at least two models in all)")
+    p.add_argument("--output", "-o", required=True, help="the ensemble file (written atomically)")
+    p.add_argument("--quiet", "-q", action="store_true")
+    return p
+
+
+def _ensemble(argv: Sequence[str] | None) -> int:
+    args = ensemble_parser().parse_args(argv)
+    _setup_logging(args.quiet)
+    output = pack(args.checkpoint, args.output)
+    log.info("packed %s into %s", ", ".join(args.checkpoint), output)
+    return 0
+
+
+def ensemble_main(argv: Sequence[str] | None = None) -> int:
+    return _run(_ensemble, argv)
 
 
 # ---- tune -----------------------------------------------------------------------

@@ -6,6 +6,11 @@ and forced decoding run over it unchanged. At every step it takes the mean of th
 members' log-probabilities: the log of their geometric mean, not renormalised
 (a product of experts; the scores of an ensemble of identical models are those of
 one model). Its attention is the members' mean attention.
+
+`pack` writes several models into one ensemble file (checkpoint format version 2):
+one tokenizer, each member's config, meta and weights (keys "members.I.model.*"), and
+a length penalty of the ensemble's own once `seq2seq-tune` has chosen one. Such a file
+translates like any model.pt; `load_models` reads single-model and ensemble files alike.
 """
 
 from __future__ import annotations
@@ -16,9 +21,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError, load_model
+from .checkpoint import (ENSEMBLE_FORMAT_VERSION, PREFIX, CheckpointError, is_ensemble, model_from,
+                         read_checkpoint)
+from .files import InputError, atomic_write
 from .model import Seq2Seq
 from .tokenizer import Tokenizer
+
+# meta of a member that described it alone: scores and the length penalty chosen for it
+_ONE_MODEL_META = ("decoding",)
 
 
 class PerModel(tuple):
@@ -61,21 +71,85 @@ class Ensemble(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def load_models(paths: Sequence[str | Path]) -> tuple[Seq2Seq | Ensemble, Tokenizer, Tokenizer, dict]:
-    """One checkpoint: its model. Several: an Ensemble of them, which must share tokenizers.
+def _members(path: str | Path) -> tuple[list[tuple[dict, dict]], dict]:
+    """(payload, "model."-prefixed weights) of each model in a checkpoint file, and the file's payload."""
+    ckpt = read_checkpoint(path)
+    info = ckpt["seq2seq"]
+    if not is_ensemble(info):
+        return [(info, {k: v for k, v in ckpt["state_dict"].items() if k.startswith(PREFIX)})], info
+    members = info.get("members")
+    if not isinstance(members, list) or not members:
+        raise CheckpointError(f"not a valid seq2seq checkpoint: {path} (an ensemble file without members)")
+    out = []
+    for i, member in enumerate(members):
+        prefix = f"members.{i}."
+        state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+        out.append(({**member, "tokenizer": info.get("tokenizer")}, state))
+    return out, info
 
-    Returns the model, source and target tokenizers, and the first checkpoint's payload.
+
+def _same_tokenizer(a: dict, b: dict) -> bool:
+    return (a["joint"] == b["joint"] and torch.equal(a["src"], b["src"])
+            and torch.equal(a["tgt"], b["tgt"]))
+
+
+def load_models(paths: Sequence[str | Path]) -> tuple[Seq2Seq | Ensemble, Tokenizer, Tokenizer, dict]:
+    """One model: it. Several (files, or the members of an ensemble file): an Ensemble, one tokenizer.
+
+    Returns the model, source and target tokenizers, and a payload: the file's own when one
+    file is given (an ensemble file's carries its tuned length penalty); with several files
+    the first one's, without the length penalty chosen for that file alone.
     """
     if not paths:
         raise CheckpointError("no checkpoint given")
-    model, src_tok, tgt_tok, info = load_model(paths[0])
-    if len(paths) == 1:
-        return model, src_tok, tgt_tok, info
-    models = [model]
-    for path in paths[1:]:
-        other, other_src, other_tgt, _ = load_model(path)
-        if other_src != src_tok or other_tgt != tgt_tok:
-            raise CheckpointError(f"checkpoints {paths[0]} and {path} use different tokenizers; "
-                                  f"an ensemble needs one vocabulary")
-        models.append(other)
-    return Ensemble(models).eval(), src_tok, tgt_tok, info
+    models, src_tok, tgt_tok, first_info = [], None, None, None
+    for path in paths:
+        members, info = _members(path)
+        for member, state in members:
+            model, src, tgt = model_from(member, state, path)
+            if src_tok is None:
+                src_tok, tgt_tok, first_info = src, tgt, info
+            elif src != src_tok or tgt != tgt_tok:
+                raise CheckpointError(f"checkpoints {paths[0]} and {path} use different tokenizers; "
+                                      f"an ensemble needs one vocabulary")
+            models.append(model)
+    if len(paths) > 1:
+        first_info = {**first_info, "meta": {k: v for k, v in (first_info.get("meta") or {}).items()
+                                             if k not in _ONE_MODEL_META}}
+    if len(models) == 1:
+        return models[0], src_tok, tgt_tok, first_info
+    return Ensemble(models).eval(), src_tok, tgt_tok, first_info
+
+
+def pack(paths: Sequence[str | Path], output: str | Path) -> Path:
+    """Write the models of `paths` (model.pt, .ckpt or ensemble files) into one ensemble file.
+
+    The members must share one tokenizer; each is loaded strictly before anything is
+    written (atomically). Training checkpoints lose their optimizer state on the way.
+    """
+    members, state, tokenizer, sources = [], {}, None, []
+    for path in paths:
+        found, _ = _members(path)
+        for info, weights in found:
+            model_from(info, weights, path)  # a complete model, or a CheckpointError naming the file
+            if tokenizer is None:
+                tokenizer = info["tokenizer"]
+            elif not _same_tokenizer(tokenizer, info["tokenizer"]):
+                raise InputError(f"cannot pack {paths[0]} and {path} into one ensemble: different tokenizers")
+            i = len(members)
+            state.update({f"members.{i}.{k}": v for k, v in weights.items()})
+            members.append({"model_config": dict(info["model_config"]), "config": info.get("config") or {},
+                            "meta": {k: v for k, v in (info.get("meta") or {}).items() if k not in _ONE_MODEL_META}})
+            sources.append(str(path))
+    if len(members) < 2:
+        raise InputError(f"an ensemble needs at least two models, got {len(members)} in {', '.join(map(str, paths))}")
+    first = members[0]["meta"]
+    meta = {k: first[k] for k in ("src_lang", "tgt_lang", "data", "train_files", "seq2seq_version",
+                                  "torch_version", "lightning_version") if k in first}
+    meta["ensemble_of"] = sources
+    ckpt = {"seq2seq": {"format_version": ENSEMBLE_FORMAT_VERSION, "kind": "ensemble", "tokenizer": tokenizer,
+                        "members": members, "meta": meta},
+            "state_dict": state}
+    with atomic_write(output, "wb") as f:
+        torch.save(ckpt, f)
+    return Path(output)

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .checkpoint import load_model
+from .checkpoint import is_ensemble
+from .ensemble import load_models
+from .model import build_model
 
 # SentencePiece's TrainerSpec.ModelType enum; absent means the proto default, unigram
 _SPM_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
@@ -81,22 +83,39 @@ def architecture_summary(cfg: dict) -> str:
     return ", ".join(parts)
 
 
+def _member_card(member: dict) -> dict:
+    cfg, meta = member["model_config"], member.get("meta") or {}
+    best = meta.get("best_val")
+    return {"architecture": architecture_summary(cfg), "parameters": build_model(dict(cfg)).num_parameters(),
+            "seed": (member.get("config") or {}).get("seed"), "best_val": dict(best) if best else None,
+            "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),
+            "train_seconds": meta.get("train_seconds"), "precision": meta.get("precision")}
+
+
 def model_card(path: str | Path) -> dict:
     """Everything worth knowing about a checkpoint, as plain JSON-ready data.
 
     Raises CheckpointError ("not a valid seq2seq checkpoint: ...") for a bad file; the
     model is fully loaded, so a card exists only for a checkpoint that would translate.
+    An ensemble file's card describes each member under "members" (else None).
     """
-    model, src_tok, tgt_tok, info = load_model(path)
+    model, src_tok, tgt_tok, info = load_models([path])
     meta = info.get("meta", {})
     joint = bool(info["tokenizer"]["joint"])
+    members = [_member_card(m) for m in info["members"]] if is_ensemble(info) else None
     best = meta.get("best_val")
+    if members:
+        kinds = list(dict.fromkeys(m["architecture"] for m in members))
+        architecture = f"ensemble of {len(members)}: " + (kinds[0] if len(kinds) == 1 else " | ".join(kinds))
+    else:
+        architecture = architecture_summary(info["model_config"])
     return {
         "checkpoint": str(path),
         "format_version": info["format_version"],
-        "architecture": architecture_summary(info["model_config"]),
-        "model_config": dict(info["model_config"]),
+        "architecture": architecture,
+        "model_config": dict(info["model_config"]) if not members else None,
         "parameters": model.num_parameters(),
+        "members": members,
         "src_lang": meta.get("src_lang"),
         "tgt_lang": meta.get("tgt_lang"),
         "data": meta.get("data"),
@@ -134,7 +153,9 @@ def _tokenizer_line(tok: dict) -> str:
             f"target {tok['tgt_vocab_size']}")
 
 
-def _best_line(best: dict | None, averaged_from: list | None) -> str:
+def _best_line(best: dict | None, averaged_from: list | None, members: list | None = None) -> str:
+    if members:
+        return "none (an ensemble: its members' are below; evaluate it to score it)"
     if averaged_from:
         return f"none (an average of {len(averaged_from)} checkpoints; evaluate it to score it)"
     if not best:
@@ -162,13 +183,20 @@ def format_card(card: dict) -> str:
         ("languages", f"{card['src_lang'] or '?'} -> {card['tgt_lang'] or '?'}"),
         ("training data", f"{card['data'] or '?'}: {', '.join(card['train_files'] or []) or '?'}"),
         ("tokenizer", _tokenizer_line(card["tokenizer"])),
-        ("best validation", _best_line(card["best_val"], card["averaged_from"])),
+        ("best validation", _best_line(card["best_val"], card["averaged_from"], card.get("members"))),
         ("decoding", _decoding_line(card.get("decoding"))),
-        ("trained", (f"{_duration(card['train_seconds'])}; saved at epoch {card['epoch']}, step {card['global_step']}"
-                     if card["epoch"] is not None else _duration(card["train_seconds"]))
+        ("trained", "each member as below" if card.get("members") else
+         (f"{_duration(card['train_seconds'])}; saved at epoch {card['epoch']}, step {card['global_step']}"
+          if card["epoch"] is not None else _duration(card["train_seconds"]))
          + (f"; precision {card['precision']}" if card.get("precision") else "")),
         ("versions", f"seq2seq {v['seq2seq'] or '?'}, torch {v['torch'] or '?'}, lightning {v['lightning'] or '?'}"),
     ]
     if card["averaged_from"]:
         rows.append(("averaged from", ", ".join(card["averaged_from"])))
+    for i, m in enumerate(card.get("members") or [], 1):
+        best = m["best_val"]
+        rows.append((f"member {i}", f"{m['parameters']:,} parameters, seed {m['seed']}; "
+                     + (f"best validation BLEU {best['bleu']:.2f} at epoch {best.get('epoch')}; " if best else "")
+                     + f"trained {_duration(m['train_seconds'])}"
+                     + (f", precision {m['precision']}" if m.get("precision") else "")))
     return "\n".join(f"{label:<16} {value}" for label, value in rows)

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import is_ensemble
 from .cpu import keep_freed_memory, limit_kernel_cache
 from .data import collate
 from .ensemble import Ensemble, load_models
@@ -77,8 +78,9 @@ class Translator:
             raise ValueError(f"max_source_len must be >= 1, got {max_source_len}")
         self.max_source_len = max_source_len
         # the length penalty chosen on validation for this model (tune.py), used where
-        # options leave alpha None; an ensemble was never tuned as a whole: no penalty
-        tuned = stored_alpha(self.info) if not isinstance(model, Ensemble) else None
+        # options leave alpha None; an ensemble has one only when it was packed into a file
+        # and tuned as a whole (ensemble.pack, seq2seq-tune)
+        tuned = stored_alpha(self.info) if not isinstance(model, Ensemble) or is_ensemble(self.info) else None
         self.default_alpha = tuned if tuned is not None else 0.0
 
     @classmethod

@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from seq2seq.checkpoint import FORMAT_VERSION, CheckpointError, load_model, read_checkpoint, save_model
+from seq2seq.checkpoint import FORMAT_VERSION, NEWEST_FORMAT_VERSION, CheckpointError, load_model, read_checkpoint, save_model
 from seq2seq.model import ModelConfig, Seq2Seq
 from seq2seq.tokenizer import train_tokenizer
 from seq2seq.translate import Translator
@@ -93,7 +93,7 @@ def test_bad_checkpoint_files_are_named_with_a_reason(kind, small_checkpoint, tm
 
 def test_newer_format_version_is_a_clear_error(small_checkpoint, tmp_path):
     ckpt = torch.load(small_checkpoint[0], weights_only=True)
-    ckpt["seq2seq"]["format_version"] = FORMAT_VERSION + 1
+    ckpt["seq2seq"]["format_version"] = NEWEST_FORMAT_VERSION + 1
     newer = tmp_path / "newer.pt"
     torch.save(ckpt, newer)
     with pytest.raises(CheckpointError, match="newer than this seq2seq reads"):

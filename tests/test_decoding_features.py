@@ -10,9 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from seq2seq.checkpoint import CheckpointError, save_model
+from seq2seq.checkpoint import CheckpointError, load_model, save_model
 from seq2seq.data import collate
-from seq2seq.ensemble import Ensemble, PerModel
+from seq2seq.ensemble import Ensemble, PerModel, pack
+from seq2seq.files import InputError
+from seq2seq.info import format_card, model_card
 from seq2seq.model import ModelConfig, Seq2Seq
 from seq2seq.search import (
     SearchOptions,
@@ -28,6 +30,7 @@ from seq2seq.search import (
 )
 from seq2seq.tokenizer import train_tokenizer
 from seq2seq.translate import Translator
+from seq2seq.tune import store_decoding
 
 from .conftest import random_sources, run_cli
 
@@ -118,6 +121,70 @@ def test_an_ensemble_needs_one_tokenizer(tokenizer_checkpoints):
     both = Translator.from_checkpoints([a, b])
     assert isinstance(both.model, Ensemble) and len(both.model.models) == 2
     assert isinstance(Translator.from_checkpoint([a]).model, Seq2Seq)  # one checkpoint: no wrapper
+
+
+def _hypotheses(translator: Translator, lines: list[str], alpha: float | None = None):
+    return [[(h.text, h.score) for h in hyps]
+            for hyps in translator.translate_hypotheses(lines, SearchOptions(beam_size=3, alpha=alpha))]
+
+
+def test_an_ensemble_file_translates_as_its_members_given_together(tokenizer_checkpoints, toy_data, tmp_path):
+    a, b = tokenizer_checkpoints["a"], tokenizer_checkpoints["b"]
+    packed = pack([a, b], tmp_path / "ab.pt")
+    from_file, together = Translator.from_checkpoint(packed), Translator.from_checkpoints([a, b])
+    assert isinstance(from_file.model, Ensemble) and len(from_file.model.models) == 2
+    lines = (toy_data / "valid.src").read_text().splitlines()[:8]
+    assert _hypotheses(from_file, lines, alpha=0.0) == _hypotheses(together, lines, alpha=0.0)
+    with pytest.raises(CheckpointError, match=f"{packed} is an ensemble of 2 models, not one model"):
+        load_model(packed)  # code that needs one model says so instead of failing on a missing key
+
+
+def test_a_tuned_ensemble_file_decodes_with_its_own_length_penalty(tokenizer_checkpoints, tmp_path):
+    a, b = tokenizer_checkpoints["a"], tokenizer_checkpoints["b"]
+    tuned_a = store_decoding(a, {"alpha": 0.6, "beam_size": 5}, tmp_path / "tuned_a.pt")
+    packed = pack([tuned_a, b], tmp_path / "ab.pt")
+    assert Translator.from_checkpoint(tuned_a).default_alpha == 0.6
+    # a member's penalty was chosen for it alone: neither the packed file nor a -c list takes it
+    assert Translator.from_checkpoint(packed).default_alpha == 0.0
+    assert Translator.from_checkpoints([tuned_a, b]).default_alpha == 0.0
+    store_decoding(packed, {"alpha": 1.2, "beam_size": 5})
+    assert Translator.from_checkpoint(packed).default_alpha == 1.2
+    assert Translator.from_checkpoints([packed, a]).default_alpha == 0.0
+
+
+def test_packing_checks_its_inputs_and_flattens_ensemble_files(tokenizer_checkpoints, tmp_path):
+    a, b, c = tokenizer_checkpoints["a"], tokenizer_checkpoints["b"], tokenizer_checkpoints["c"]
+    with pytest.raises(InputError, match=f"cannot pack {a} and {c} into one ensemble: different tokenizers"):
+        pack([a, c], tmp_path / "ac.pt")
+    with pytest.raises(InputError, match="an ensemble needs at least two models, got 1"):
+        pack([a], tmp_path / "a.pt")
+    assert not (tmp_path / "ac.pt").exists() and not (tmp_path / "a.pt").exists()
+    three = pack([pack([a, b], tmp_path / "ab.pt"), a], tmp_path / "aba.pt")
+    assert len(Translator.from_checkpoint(three).model.models) == 3
+
+
+def test_model_card_of_an_ensemble_file_lists_its_members(tokenizer_checkpoints, tmp_path):
+    a, b = tokenizer_checkpoints["a"], tokenizer_checkpoints["b"]
+    card = model_card(pack([a, b], tmp_path / "ab.pt"))
+    one = model_card(a)
+    assert card["format_version"] == 2 and len(card["members"]) == 2 and one["members"] is None
+    assert card["parameters"] == 2 * one["parameters"]
+    assert card["architecture"] == f"ensemble of 2: {one['architecture']}"
+    text = format_card(card)
+    assert "member 1" in text and "member 2" in text and f"{one['parameters']:,} parameters" in text
+
+
+def test_ensemble_cli_writes_a_file_translate_reads(tokenizer_checkpoints, toy_data, tmp_path):
+    a, b, c = tokenizer_checkpoints["a"], tokenizer_checkpoints["b"], tokenizer_checkpoints["c"]
+    out = tmp_path / "ab.pt"
+    proc = run_cli(["seq2seq-ensemble", "-c", str(a), "-c", str(b), "-o", str(out), "-q"])
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = (toy_data / "valid.src").read_text().splitlines()[:3]
+    proc = run_cli(["seq2seq-translate", "-c", str(out), "-q"], stdin="\n".join(lines).encode() + b"\n")
+    assert proc.returncode == 0 and len(proc.stdout.decode().splitlines()) == 3
+    proc = run_cli(["seq2seq-ensemble", "-c", str(a), "-c", str(c), "-o", str(tmp_path / "ac.pt")])
+    assert proc.returncode == 2 and b"Traceback" not in proc.stderr
+    assert b"different tokenizers" in proc.stderr
 
 
 # ---- sampling -------------------------------------------------------------------
