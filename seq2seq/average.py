@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import PREFIX, CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
+from .checkpoint import PREFIX, CheckpointError, read_checkpoint, same_tokenizer, save_model, tokenizers_from_payload
 from .files import InputError
 from .model import build_model
 
@@ -55,10 +55,6 @@ def latest_checkpoints(run_dir: str | Path, n: int) -> list[Path]:
     return found[-n:]
 
 
-def _tokenizer_matches(a: dict, b: dict) -> bool:
-    return a["joint"] == b["joint"] and torch.equal(a["src"], b["src"]) and torch.equal(a["tgt"], b["tgt"])
-
-
 def _check_compatible(first: Path, ref: dict, path: Path, ckpt: dict) -> None:
     """Raise InputError naming both files unless `ckpt` describes the same model as `ref`."""
     info, ref_info = ckpt["seq2seq"], ref["seq2seq"]
@@ -66,7 +62,7 @@ def _check_compatible(first: Path, ref: dict, path: Path, ckpt: dict) -> None:
     if a != b:
         diff = [f"{k}: {a.get(k)!r} vs {b.get(k)!r}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
         raise InputError(f"cannot average {first} and {path}: different model configs ({'; '.join(diff)})")
-    if not _tokenizer_matches(info["tokenizer"], ref_info["tokenizer"]):
+    if not same_tokenizer(info["tokenizer"], ref_info["tokenizer"]):
         raise InputError(f"cannot average {first} and {path}: different tokenizers")
     keys, ref_keys = set(ckpt["state_dict"]), set(ref["state_dict"])
     if keys != ref_keys:

@@ -48,6 +48,11 @@ def tokenizers_from_payload(info: dict) -> tuple[Tokenizer, Tokenizer]:
     return src, src if tok["joint"] else Tokenizer(tok["tgt"].numpy().tobytes())
 
 
+def same_tokenizer(a: dict, b: dict) -> bool:
+    """Whether two payloads' "tokenizer" entries hold the same SentencePiece models."""
+    return a["joint"] == b["joint"] and torch.equal(a["src"], b["src"]) and torch.equal(a["tgt"], b["tgt"])
+
+
 def payload(model_config: ModelConfig, src_tok: Tokenizer, tgt_tok: Tokenizer,
             config: dict | None = None, meta: dict | None = None) -> dict:
     """The plain-data part of a checkpoint."""

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (ENSEMBLE_FORMAT_VERSION, PREFIX, CheckpointError, is_ensemble, model_from,
-                         read_checkpoint)
+                         read_checkpoint, same_tokenizer)
 from .files import InputError, atomic_write
 from .model import Seq2Seq
 from .tokenizer import Tokenizer
@@ -88,11 +88,6 @@ def _members(path: str | Path) -> tuple[list[tuple[dict, dict]], dict]:
     return out, info
 
 
-def _same_tokenizer(a: dict, b: dict) -> bool:
-    return (a["joint"] == b["joint"] and torch.equal(a["src"], b["src"])
-            and torch.equal(a["tgt"], b["tgt"]))
-
-
 def load_models(paths: Sequence[str | Path]) -> tuple[Seq2Seq | Ensemble, Tokenizer, Tokenizer, dict]:
     """One model: it. Several (files, or the members of an ensemble file): an Ensemble, one tokenizer.
 
@@ -134,7 +129,7 @@ def pack(paths: Sequence[str | Path], output: str | Path) -> Path:
             model_from(info, weights, path)  # a complete model, or a CheckpointError naming the file
             if tokenizer is None:
                 tokenizer = info["tokenizer"]
-            elif not _same_tokenizer(tokenizer, info["tokenizer"]):
+            elif not same_tokenizer(tokenizer, info["tokenizer"]):
                 raise InputError(f"cannot pack {paths[0]} and {path} into one ensemble: different tokenizers")
             i = len(members)
             state.update({f"members.{i}.{k}": v for k, v in weights.items()})
