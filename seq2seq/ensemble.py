@@ -27,8 +27,10 @@ from .files import InputError, atomic_write
 from .model import Seq2Seq
 from .tokenizer import Tokenizer
 
-# meta of a member that described it alone: scores and the length penalty chosen for it
-_ONE_MODEL_META = ("decoding",)
+
+def _shared_meta(meta: dict | None) -> dict:
+    """A member's meta without what described it alone: the length penalty chosen for it."""
+    return {k: v for k, v in (meta or {}).items() if k != "decoding"}
 
 
 class PerModel(tuple):
@@ -109,8 +111,7 @@ def load_models(paths: Sequence[str | Path]) -> tuple[Seq2Seq | Ensemble, Tokeni
                                       f"an ensemble needs one vocabulary")
             models.append(model)
     if len(paths) > 1:
-        first_info = {**first_info, "meta": {k: v for k, v in (first_info.get("meta") or {}).items()
-                                             if k not in _ONE_MODEL_META}}
+        first_info = {**first_info, "meta": _shared_meta(first_info.get("meta"))}
     if len(models) == 1:
         return models[0], src_tok, tgt_tok, first_info
     return Ensemble(models).eval(), src_tok, tgt_tok, first_info
@@ -134,7 +135,7 @@ def pack(paths: Sequence[str | Path], output: str | Path) -> Path:
             i = len(members)
             state.update({f"members.{i}.{k}": v for k, v in weights.items()})
             members.append({"model_config": dict(info["model_config"]), "config": info.get("config") or {},
-                            "meta": {k: v for k, v in (info.get("meta") or {}).items() if k not in _ONE_MODEL_META}})
+                            "meta": _shared_meta(info.get("meta"))})
             sources.append(str(path))
     if len(members) < 2:
         raise InputError(f"an ensemble needs at least two models, got {len(members)} in {', '.join(map(str, paths))}")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from .checkpoint import is_ensemble
 from .ensemble import load_models
-from .model import build_model
 
 # SentencePiece's TrainerSpec.ModelType enum; absent means the proto default, unigram
 _SPM_MODEL_TYPES = {1: "unigram", 2: "bpe", 3: "word", 4: "char"}
@@ -83,10 +82,10 @@ def architecture_summary(cfg: dict) -> str:
     return ", ".join(parts)
 
 
-def _member_card(member: dict) -> dict:
+def _member_card(member: dict, model) -> dict:
     cfg, meta = member["model_config"], member.get("meta") or {}
     best = meta.get("best_val")
-    return {"architecture": architecture_summary(cfg), "parameters": build_model(dict(cfg)).num_parameters(),
+    return {"architecture": architecture_summary(cfg), "parameters": model.num_parameters(),
             "seed": (member.get("config") or {}).get("seed"), "best_val": dict(best) if best else None,
             "epoch": meta.get("epoch"), "global_step": meta.get("global_step"),
             "train_seconds": meta.get("train_seconds"), "precision": meta.get("precision")}
@@ -102,11 +101,12 @@ def model_card(path: str | Path) -> dict:
     model, src_tok, tgt_tok, info = load_models([path])
     meta = info.get("meta", {})
     joint = bool(info["tokenizer"]["joint"])
-    members = [_member_card(m) for m in info["members"]] if is_ensemble(info) else None
+    # the members as loaded (an Ensemble's models, in the file's order): nothing is built twice
+    members = [_member_card(m, one) for m, one in zip(info["members"], model.models)] if is_ensemble(info) else None
     best = meta.get("best_val")
     if members:
         kinds = list(dict.fromkeys(m["architecture"] for m in members))
-        architecture = f"ensemble of {len(members)}: " + (kinds[0] if len(kinds) == 1 else " | ".join(kinds))
+        architecture = f"ensemble of {len(members)}: " + " | ".join(kinds)
     else:
         architecture = architecture_summary(info["model_config"])
     return {
