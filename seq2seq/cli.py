@@ -539,6 +539,9 @@ def tune_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="sentences decoded together (default: 64)")
     p.add_argument("--output", "-o", help="write the tuned checkpoint here instead of updating it in place")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default: cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="decode in this precision while choosing; use the one you will translate with "
+                        "(default: auto, as seq2seq-translate and -evaluate)")
     p.add_argument("--json", action="store_true", help="print the choice as one JSON object")
     p.add_argument("--quiet", "-q", action="store_true")
     return p
@@ -560,7 +563,8 @@ def _tune(argv: Sequence[str] | None) -> int:
         raise InputError(f"{args.source} has {len(sources)} lines but {args.reference} has {len(refs)}")
     if not refs:
         raise InputError(f"{args.reference} is empty: nothing to choose the length penalty on")
-    translator = Translator.from_checkpoint(args.checkpoint, device=args.device)
+    check_precision_flags(args.precision, args.device)
+    translator = Translator.from_checkpoint(args.checkpoint, device=args.device, precision=args.precision)
     choice = choose_alpha(translator, sources, refs, beam_size=args.beam_size, alphas=alphas,
                           batch_size=args.batch_size, data=args.source)
     written = store_decoding(args.checkpoint, choice, args.output)
@@ -569,7 +573,8 @@ def _tune(argv: Sequence[str] | None) -> int:
     else:
         for alpha, bleu in choice["grid"].items():
             print(f"alpha {float(alpha):<4g} BLEU {bleu:6.2f}{'  <- chosen' if float(alpha) == choice['alpha'] else ''}")
-        print(f"({choice['bleu_signature']}, beam {choice['beam_size']}, {choice['data']}); stored in {written}")
+        print(f"({choice['bleu_signature']}, beam {choice['beam_size']}, {choice['precision']}, {choice['data']}); "
+              f"stored in {written}")
     return 0
 
 

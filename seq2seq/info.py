@@ -169,7 +169,8 @@ def _decoding_line(decoding: dict | None) -> str:
         return "no length penalty stored (alpha 0 unless --alpha; seq2seq-tune chooses one)"
     grid = decoding.get("grid") or {}
     untuned = f"; alpha 0: {grid['0.0']:.2f}" if "0.0" in grid else ""
-    return (f"length penalty alpha {decoding['alpha']:g}, chosen with beam {decoding.get('beam_size')} on "
+    precision = f" in {decoding['precision']}" if decoding.get("precision") else ""  # older files lack it
+    return (f"length penalty alpha {decoding['alpha']:g}, chosen with beam {decoding.get('beam_size')}{precision} on "
             f"{decoding.get('data', '?')} (BLEU {decoding.get('bleu', float('nan')):.2f}{untuned})")
 
 

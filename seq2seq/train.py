@@ -34,7 +34,7 @@ from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
 from .model import ModelConfig
 from .module import SCHEDULERS, TranslationModule
-from .quantize import BF16_FLAGS, auto_precision, cpu_has_bfloat16
+from .quantize import BF16_FLAGS, auto_precision, check_precision, cpu_has_bfloat16
 from .throughput import TokensPerSecond
 from .tokenizer import Tokenizer, train_tokenizer
 from .translate import SearchOptions, Translator
@@ -132,6 +132,10 @@ def check_config(cfg: DictConfig) -> ModelConfig:
             raise InputError("optim.scheduler=anneal lowers the lr over the end of the budget, but there is none: "
                              "set trainer.max_time, trainer.max_steps or trainer.max_epochs")
     check_precision_here(cfg.trainer)
+    try:
+        check_precision(str(cfg.evaluate.get("precision", "auto")), "cpu")
+    except ValueError as e:
+        raise InputError(f"evaluate.precision: {e}") from None
     alpha, alphas = cfg.evaluate.alpha, list(cfg.evaluate.alphas or [])
     if alpha is None and not alphas:
         raise InputError("evaluate.alpha is null (choose it on validation) but evaluate.alphas is empty: "
@@ -369,10 +373,16 @@ def clear_previous_outputs(run_dir: Path) -> None:
         log.info("starting over: removed %s from an earlier run", path)
 
 
+def decoder_for(cfg: DictConfig, model_path: Path) -> Translator:
+    """The model at `model_path` as the commands will decode it: on the CPU, in evaluate.precision
+    (auto by default, like seq2seq-translate and seq2seq-evaluate)."""
+    return Translator.from_checkpoint(model_path, precision=str(cfg.evaluate.get("precision", "auto")))
+
+
 def valid_bleu(cfg: DictConfig, model_path: Path) -> float:
     """Greedy BLEU on the validation split: the score training selects checkpoints by."""
     src_path, ref_path = split_paths(cfg, "valid")
-    hyps = [h[0].text for h in Translator.from_checkpoint(model_path).translate_hypotheses(
+    hyps = [h[0].text for h in decoder_for(cfg, model_path).translate_hypotheses(
         read_lines(src_path), SearchOptions(beam_size=1), batch_size=cfg.evaluate.batch_size)]
     return corpus_scores(hyps, read_lines(ref_path)).bleu
 
@@ -407,7 +417,7 @@ def select_average(cfg: DictConfig, best_pt: Path, epochs_dir: Path, run_dir: Pa
 def tune_length_penalty(cfg: DictConfig, model_pt: Path) -> dict:
     """Choose the length penalty on the validation split and store it in model.pt (tune.py)."""
     src_path, ref_path = split_paths(cfg, "valid")
-    choice = choose_alpha(Translator.from_checkpoint(model_pt), read_lines(src_path), read_lines(ref_path),
+    choice = choose_alpha(decoder_for(cfg, model_pt), read_lines(src_path), read_lines(ref_path),
                           beam_size=int(cfg.evaluate.beam_size), alphas=list(cfg.evaluate.alphas),
                           batch_size=cfg.evaluate.batch_size, data=str(src_path))
     store_decoding(model_pt, choice)
@@ -427,7 +437,7 @@ def evaluate_test(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> dict | No
     if not (src_path.is_file() and ref_path.is_file()):
         log.info("no test split at %s: skipping the test evaluation", src_path)
         return None
-    translator = Translator.from_checkpoint(checkpoint)
+    translator = decoder_for(cfg, checkpoint)
     alpha = None if cfg.evaluate.alpha is None else float(cfg.evaluate.alpha)
     sources, refs = read_lines(src_path), read_lines(ref_path)
     results = {}
@@ -439,7 +449,8 @@ def evaluate_test(cfg: DictConfig, checkpoint: Path, run_dir: Path) -> dict | No
         scores = corpus_scores(hyps, refs, hyp_name=f"beam {beam} output", ref_name=str(ref_path))
         with atomic_write(run_dir / f"test.beam{beam}.hyp") as f:
             f.write("".join(h + "\n" for h in hyps))
-        results[f"beam{beam}"] = {**scores.to_dict(), "alpha": opts.alpha, "seconds": seconds}
+        results[f"beam{beam}"] = {**scores.to_dict(), "alpha": opts.alpha, "precision": translator.precision,
+                                  "seconds": seconds}
         log.info("test (%s, beam %d): %s", src_path, beam, scores.format().replace("\n", " | "))
     return results
 

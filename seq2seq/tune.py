@@ -36,7 +36,9 @@ def choose_alpha(translator, sources: Sequence[str], references: Sequence[str], 
     """Decode `sources` with each alpha; the one with the highest BLEU wins (ties: the smaller).
 
     Returns the choice as plain data, ready for `store_decoding`:
-    {"alpha", "beam_size", "normalisation", "bleu", "bleu_signature", "data", "grid": {alpha: BLEU}}.
+    {"alpha", "beam_size", "normalisation", "bleu", "bleu_signature", "data", "precision",
+    "grid": {alpha: BLEU}}. Decode in the precision the model will be used in: the choice is
+    made for the numbers that `translator` computes.
     """
     if not alphas:
         raise ValueError("no alpha to choose from: give at least one value")
@@ -57,7 +59,8 @@ def choose_alpha(translator, sources: Sequence[str], references: Sequence[str], 
     log.info("length penalty: alpha %.2f chosen on %s (BLEU %.2f; alpha 0: %s)", best, data, grid[best],
              f"{grid[0.0]:.2f}" if 0.0 in grid else "not tried")
     return {"alpha": best, "beam_size": beam_size, "normalisation": "gnmt", "bleu": grid[best],
-            "bleu_signature": signature, "data": data, "grid": {str(a): b for a, b in grid.items()}}
+            "bleu_signature": signature, "data": data, "precision": getattr(translator, "precision", "float32"),
+            "grid": {str(a): b for a, b in grid.items()}}
 
 
 def store_decoding(path: str | Path, choice: dict, output: str | Path | None = None) -> Path:

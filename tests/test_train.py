@@ -52,6 +52,7 @@ def test_run_directory_holds_everything(toy_run):
     ("train.subword_nbest=0", "train.subword_nbest must be -1 (all segmentations) or >= 1, got 0"),
     ("train.subword_alpha=0.1", "only tokenizer.model_type unigram or bpe have (it is word)"),
     ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1) (0 = off, e.g. 0.999), got 1.0"),
+    ("evaluate.precision=half", "evaluate.precision: Unknown precision 'half'; choose one of: auto, float32,"),
 ])
 def test_config_mistakes_fail_before_any_work(override, expected, tmp_path):
     # an earlier run's outputs in the same directory: a refused config must leave them alone
@@ -100,6 +101,11 @@ def test_the_run_records_which_precision_trained_it(toy_run):
     assert f"trainer.precision=auto: {here} on this machine" in (toy_run["dir"] / "train.log").read_text()
     card = run_cli(["seq2seq-info", str(toy_run["model"]), "--json"])
     assert json.loads(card.stdout)["precision"] == here
+    # the length penalty and the test scores are decoded as seq2seq-evaluate decodes by default
+    from seq2seq.quantize import resolve_precision
+    decoded = resolve_precision("auto", "cpu")
+    assert toy_run["results"]["decoding"]["precision"] == decoded
+    assert {r["precision"] for r in toy_run["results"]["test"].values()} == {decoded}
 
 
 def test_mismatched_training_files_name_both(tmp_path):

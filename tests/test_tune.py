@@ -14,6 +14,7 @@ from seq2seq.checkpoint import read_checkpoint, save_model
 from seq2seq.cli import evaluate_main, tune_main
 from seq2seq.info import format_card, model_card
 from seq2seq.model import ModelConfig, Seq2Seq
+from seq2seq.quantize import resolve_precision
 from seq2seq.search import SearchOptions
 from seq2seq.serve import create_app
 from seq2seq.tokenizer import train_tokenizer
@@ -86,6 +87,8 @@ def test_the_choice_is_stored_in_the_checkpoint_and_read_back_as_the_default(mod
     assert card["decoding"]["alpha"] == 1.4
     assert "length penalty alpha 1.4, chosen with beam 5 on valid.src (BLEU 12.50; alpha 0: 11.00)" in format_card(card)
     assert "no length penalty stored" in format_card(model_card(model_pt))
+    card["decoding"]["precision"] = "bfloat16"     # recorded by seq2seq-tune since the choice depends on it
+    assert "alpha 1.4, chosen with beam 5 in bfloat16 on valid.src" in format_card(card)
 
 
 def test_options_without_alpha_take_the_models_everywhere_in_the_python_api(tuned, toy_data):
@@ -142,8 +145,12 @@ def test_seq2seq_tune_writes_its_choice_and_refuses_bad_values(model_pt, toy_dat
     assert choice["alpha"] in (0.0, 1.5) and set(choice["grid"]) == {"0.0", "1.5"} and choice["beam_size"] == 2
     assert read_checkpoint(out)["seq2seq"]["meta"]["decoding"]["alpha"] == choice["alpha"]
     assert "decoding" not in read_checkpoint(model_pt)["seq2seq"]["meta"]
-    assert tune_main([*args, "--alphas", "1.5"]) == 0                       # the one value is the choice
-    assert "alpha 1.5  BLEU" in capsys.readouterr().out and Translator.from_checkpoint(out).default_alpha == 1.5
+    assert choice["precision"] == resolve_precision("auto", "cpu")         # as seq2seq-evaluate decodes by default
+    assert tune_main([*args, "--alphas", "1.5", "--precision", "float32"]) == 0   # the one value is the choice
+    printed = capsys.readouterr().out
+    assert "alpha 1.5  BLEU" in printed and "beam 2, float32, " in printed
+    assert Translator.from_checkpoint(out).default_alpha == 1.5
+    assert read_checkpoint(out)["seq2seq"]["meta"]["decoding"]["precision"] == "float32"
     assert tune_main([*args, "--alphas", "0,x"]) == 2
     assert capsys.readouterr().err == "error: --alphas must be comma-separated numbers, got '0,x'\n"
     assert tune_main([*args, "--alphas", "-1"]) == 2
