@@ -5,6 +5,7 @@
 #   bash scripts/multi30k.sh            # quick schedule: 3 epochs, minutes on a 2-core CPU
 #   bash scripts/multi30k.sh --full     # the full recipe (up to 2 hours on a 2-core CPU)
 #   bash scripts/multi30k.sh --full de_en
+#   bash scripts/multi30k.sh --full --members 3 de_en   # an ensemble of 3 (default 2) sharing the cores
 #
 # Data: a local copy at $MULTI30K_DIR (default ../shared/data/multi30k) is used when it
 # exists; otherwise the public original is downloaded. Extra arguments after the
@@ -12,7 +13,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 schedule=quick
-if [[ "${1:-}" == "--full" ]]; then schedule=full; shift; fi
+members=2
+while [[ "${1:-}" == --* ]]; do
+    case "$1" in
+        --full) schedule=full; shift;;
+        --members) members="${2:-}"; shift 2 || { echo "--members needs a number" >&2; exit 2; };;
+        *) echo "unknown option '$1': use --full, --members N" >&2; exit 2;;
+    esac
+done
+if ! [[ "$members" =~ ^[1-9][0-9]*$ ]]; then echo "--members must be a whole number >= 1, got '$members'" >&2; exit 2; fi
+if [[ "$schedule" == quick && "$members" != 2 ]]; then echo "--members applies to --full only" >&2; exit 2; fi
 direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
 src="${direction%_*}"; tgt="${direction#*_}"
@@ -42,14 +52,16 @@ done
 if [[ "$schedule" == quick ]]; then
     seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}" "$@"
 else
-    # The full recipe is an ensemble: two models (seeds 1 and 2, one tokenizer) trained side by
-    # side, each on half of the cores for the recipe's time, packed into one model.pt whose
-    # length penalty is chosen on the validation set.
+    # The full recipe is an ensemble: models with seeds 1..members (one tokenizer) trained side by
+    # side, sharing the cores for the recipe's time, packed into one model.pt whose length
+    # penalty is chosen on the validation set.
     mkdir -p "$run_dir"
-    threads=$(( $(nproc) / 2 )); (( threads >= 1 )) || threads=1
+    threads=$(( $(nproc) / members )); (( threads >= 1 )) || threads=1
     pids=()
-    for seed in 1 2; do
-        echo ">>> training member ${seed} of 2 on ${threads} thread(s): ${run_dir}/member${seed}/train.log" >&2
+    checkpoints=()
+    for seed in $(seq 1 "$members"); do
+        checkpoints+=(-c "${run_dir}/member${seed}/model.pt")
+        echo ">>> training member ${seed} of ${members} on ${threads} thread(s): ${run_dir}/member${seed}/train.log" >&2
         OMP_NUM_THREADS=$threads seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}/member${seed}" \
             "seed=${seed}" tokenizer.seed=1 data.test=null 'evaluate.alphas=[0.0]' "$@" \
             > "${run_dir}/member${seed}.out" 2>&1 &
@@ -58,7 +70,11 @@ else
     failed=0
     for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
     if (( failed )); then echo "training failed: see ${run_dir}/member*.out" >&2; exit 1; fi
-    seq2seq-ensemble -c "${run_dir}/member1/model.pt" -c "${run_dir}/member2/model.pt" -o "${run_dir}/model.pt"
+    if (( members == 1 )); then
+        cp "${run_dir}/member1/model.pt" "${run_dir}/model.pt"
+    else
+        seq2seq-ensemble "${checkpoints[@]}" -o "${run_dir}/model.pt"
+    fi
     seq2seq-tune -c "${run_dir}/model.pt" -s "data/multi30k/valid.${src}" -r "data/multi30k/valid.${tgt}" --beam-size 5
 fi
 

@@ -293,3 +293,20 @@ def test_benchmark_json_covers_training_decoding_scale_and_profile(toy_run, tmp_
         assert 0 < sum(o["share"] for o in ops) <= 1.0001
     assert any("addmm" in o["op"] or o["op"] in ("aten::mm", "mkldnn::_linear_pointwise")
                for o in report["profile"]["train_step"]["ops"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--members", "0", "--full"], "--members must be a whole number >= 1, got '0'"),
+    (["--full", "--members"], "--members needs a number"),
+    (["--members", "3"], "--members applies to --full only"),
+    (["--fast"], "unknown option '--fast': use --full, --members N"),
+    (["--full", "fr_en"], "direction must be en_de or de_en, got 'fr_en'"),
+])
+def test_the_main_script_refuses_bad_options_before_installing_anything(args, message, tmp_path):
+    # a copy of the script in an empty tree: had it gone on, it would have failed on scripts/setup.sh
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(ROOT / "scripts" / "multi30k.sh", tmp_path / "scripts" / "multi30k.sh")
+    proc = subprocess.run(["bash", str(tmp_path / "scripts" / "multi30k.sh"), *args], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["multi30k.sh", "scripts"]
