@@ -14,15 +14,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 schedule=quick
 members=2
+members_given=0
 while [[ "${1:-}" == --* ]]; do
     case "$1" in
         --full) schedule=full; shift;;
-        --members) members="${2:-}"; shift 2 || { echo "--members needs a number" >&2; exit 2; };;
+        --members) members="${2:-}"; members_given=1; shift 2 || { echo "--members needs a number" >&2; exit 2; };;
         *) echo "unknown option '$1': use --full, --members N" >&2; exit 2;;
     esac
 done
 if ! [[ "$members" =~ ^[1-9][0-9]*$ ]]; then echo "--members must be a whole number >= 1, got '$members'" >&2; exit 2; fi
-if [[ "$schedule" == quick && "$members" != 2 ]]; then echo "--members applies to --full only" >&2; exit 2; fi
+if [[ "$schedule" == quick && "$members_given" == 1 ]]; then echo "--members applies to --full only" >&2; exit 2; fi
 direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
 src="${direction%_*}"; tgt="${direction#*_}"

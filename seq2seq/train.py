@@ -133,7 +133,7 @@ def check_config(cfg: DictConfig) -> ModelConfig:
                              "set trainer.max_time, trainer.max_steps or trainer.max_epochs")
     check_precision_here(cfg.trainer)
     try:
-        check_precision(str(cfg.evaluate.get("precision", "auto")), "cpu")
+        check_precision(decoding_precision(cfg), "cpu")
     except ValueError as e:
         raise InputError(f"evaluate.precision: {e}") from None
     alpha, alphas = cfg.evaluate.alpha, list(cfg.evaluate.alphas or [])
@@ -373,10 +373,14 @@ def clear_previous_outputs(run_dir: Path) -> None:
         log.info("starting over: removed %s from an earlier run", path)
 
 
+def decoding_precision(cfg: DictConfig) -> str:
+    """evaluate.precision: auto by default, like seq2seq-translate and seq2seq-evaluate."""
+    return str(cfg.evaluate.get("precision", "auto"))
+
+
 def decoder_for(cfg: DictConfig, model_path: Path) -> Translator:
-    """The model at `model_path` as the commands will decode it: on the CPU, in evaluate.precision
-    (auto by default, like seq2seq-translate and seq2seq-evaluate)."""
-    return Translator.from_checkpoint(model_path, precision=str(cfg.evaluate.get("precision", "auto")))
+    """The model at `model_path` as the commands will decode it: on the CPU, in evaluate.precision."""
+    return Translator.from_checkpoint(model_path, precision=decoding_precision(cfg))
 
 
 def valid_bleu(cfg: DictConfig, model_path: Path) -> float:

@@ -299,6 +299,7 @@ def test_benchmark_json_covers_training_decoding_scale_and_profile(toy_run, tmp_
     (["--members", "0", "--full"], "--members must be a whole number >= 1, got '0'"),
     (["--full", "--members"], "--members needs a number"),
     (["--members", "3"], "--members applies to --full only"),
+    (["--members", "2", "de_en"], "--members applies to --full only"),
     (["--fast"], "unknown option '--fast': use --full, --members N"),
     (["--full", "fr_en"], "direction must be en_de or de_en, got 'fr_en'"),
 ])
