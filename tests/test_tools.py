@@ -311,3 +311,42 @@ def test_the_main_script_refuses_bad_options_before_installing_anything(args, me
                           text=True, timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["multi30k.sh", "scripts"]
+
+
+def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_path):
+    """`scripts/multi30k.sh --full de_en` end to end on a synthetic Multi30k, with a tiny model:
+    two members with seeds 1 and 2 side by side, one ensemble file with its length penalty,
+    three translated lines and a score with its signature."""
+    from seq2seq import toy as toy_task
+
+    raw, corpus = tmp_path / "raw", tmp_path / "multi30k"
+    toy_task.generate(raw, sizes={"train": 300, "valid": 20, "test": 12})
+    corpus.mkdir()
+    for split, name in (("train", "train"), ("valid", "val"), ("test", "test2016")):
+        for lang, side in (("de", "src"), ("en", "tgt"), ("fr", "tgt"), ("cs", "tgt")):
+            shutil.copy(raw / f"{split}.{side}", corpus / f"{name}.{lang}")
+    tree = tmp_path / "tree"
+    (tree / "scripts").mkdir(parents=True)
+    (tree / ".venv" / "bin").mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "multi30k.sh", tree / "scripts" / "multi30k.sh")
+    # set-up is done already: the installed console scripts stand in for the project's .venv
+    (tree / "scripts" / "setup.sh").write_text("echo 'setup: already installed'\n")
+    (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{Path(sys.executable).parent}:$PATH"\n')
+    tiny = ["tokenizer.vocab_size=120", "tokenizer.model_type=word", "model.embedding_size=16",
+            "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[16]", "train.batch_size=32",
+            "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "train.token_cache_dir=null"]
+    env = {**os.environ, "MULTI30K_DIR": str(corpus), "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "de_en", *tiny],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    run = tree / "runs" / "multi30k_de_en"
+    assert "training member 2 of 2 on" in proc.stderr
+    info = read_checkpoint(run / "model.pt")["seq2seq"]
+    assert info["kind"] == "ensemble" and [m["config"]["seed"] for m in info["members"]] == [1, 2]
+    assert all(m["config"]["model"]["embedding_size"] == 16 for m in info["members"])  # the overrides reached both
+    assert info["meta"]["decoding"]["beam_size"] == 5  # the length penalty seq2seq-tune chose
+    lines = proc.stdout.split("\n")
+    assert "stored in runs/multi30k_de_en/model.pt" in lines[-7], proc.stdout  # seq2seq-tune's choice
+    # the three test sentences (one line each, even an empty translation), then the scores
+    assert lines[-3].startswith("BLEU = ") and "nrefs:1|case:mixed" in lines[-3], proc.stdout
+    assert lines[-2].startswith("chrF2 = ") and lines[-1] == "", proc.stdout
