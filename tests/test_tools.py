@@ -334,7 +334,7 @@ def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_pa
     (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{Path(sys.executable).parent}:$PATH"\n')
     tiny = ["tokenizer.vocab_size=120", "tokenizer.model_type=word", "model.embedding_size=16",
             "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[16]", "train.batch_size=32",
-            "trainer.max_epochs=2", "trainer.enable_progress_bar=false", "train.token_cache_dir=null"]
+            "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
     env = {**os.environ, "MULTI30K_DIR": str(corpus), "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "de_en", *tiny],
                           capture_output=True, text=True, timeout=600, env=env)
@@ -345,6 +345,8 @@ def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_pa
     assert info["kind"] == "ensemble" and [m["config"]["seed"] for m in info["members"]] == [1, 2]
     assert all(m["config"]["model"]["embedding_size"] == 16 for m in info["members"])  # the overrides reached both
     assert info["meta"]["decoding"]["beam_size"] == 5  # the length penalty seq2seq-tune chose
+    # both members tokenized the corpus at once into one cache: one entry, no half-built one left
+    assert [p.name.count(".tmp") for p in (tree / "data" / "multi30k" / ".token-cache").iterdir()] == [0]
     lines = proc.stdout.split("\n")
     assert "stored in runs/multi30k_de_en/model.pt" in lines[-7], proc.stdout  # seq2seq-tune's choice
     # the three test sentences (one line each, even an empty translation), then the scores
