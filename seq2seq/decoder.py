@@ -16,7 +16,7 @@ from torch import nn
 
 from .attention import Memory, build_attention
 from .bptt import teacher_forced
-from .dropout import Dropout
+from .dropout import Dropout, word_dropout
 from .tokenizer import PAD_ID
 
 LayerState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (batch, hidden_l)
@@ -144,6 +144,7 @@ class Decoder(nn.Module):
         dropout: float = 0.0,
         input_feeding: bool = True,
         tie_embeddings: bool = False,
+        word_dropout: float = 0.0,
     ):
         super().__init__()
         if not hidden_sizes:
@@ -153,6 +154,7 @@ class Decoder(nn.Module):
         self.input_feeding = input_feeding
         self.embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=PAD_ID)
         self.dropout = Dropout(dropout)
+        self.word_dropout = word_dropout  # probability of dropping a whole previous target token in training
         self.cells = CellStack(embedding_size + (self.output_size if input_feeding else 0), hidden_sizes, dropout)
         self.attention = build_attention(attention, top, encoder_output_size, attention_size or top)
         self.combine = nn.Linear(encoder_output_size + top, self.output_size, bias=False)
@@ -175,7 +177,11 @@ class Decoder(nn.Module):
         Returns:
             attentional vector (batch, output_size), new state, attention weights (batch, src_len).
         """
-        return self._step(self.dropout(self.embedding(prev)), state, memory)
+        return self._step(self.embed(prev), state, memory)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(batch[, len]) ids -> (batch[, len], emb), word dropout and dropout applied in training."""
+        return self.dropout(word_dropout(self.embedding(tokens), self.word_dropout, self.training))
 
     def _step(self, emb: torch.Tensor, state: DecoderState, memory: Memory
               ) -> tuple[torch.Tensor, DecoderState, torch.Tensor]:
@@ -208,7 +214,7 @@ class Decoder(nn.Module):
         """Teacher forcing up to the output layer: (batch, tgt_len, output_size), weights (batch, tgt_len, src_len)."""
         # Embed all steps at once: one embedding backward instead of one dense
         # (vocab, emb) gradient per step.
-        embedded = self.dropout(self.embedding(tgt_in))  # (batch, tgt_len, emb)
+        embedded = self.embed(tgt_in)  # (batch, tgt_len, emb)
         if not self.input_feeding:
             # nothing feeds back from step t to t+1 but the LSTM state: run the whole
             # sequence through fused LSTM kernels and attend for all steps at once
@@ -222,7 +228,7 @@ class Decoder(nn.Module):
     def forward_stepwise(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory
                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """`forward` with input feeding as a plain loop over `_step`: the reference bptt.py is held to."""
-        embedded = self.dropout(self.embedding(tgt_in))  # (batch, tgt_len, emb)
+        embedded = self.embed(tgt_in)  # (batch, tgt_len, emb)
         vectors, weights = [], []
         for t in range(tgt_in.size(1)):
             attn_vec, state, w = self._step(embedded[:, t], state, memory)

@@ -1,10 +1,14 @@
-"""Dropout whose mask is drawn with `torch.rand`.
+"""Dropout whose mask is drawn with `torch.rand`, and word dropout.
 
 `nn.Dropout` draws its mask with `bernoulli_`, which on a CPU took about twice as long as
 drawing uniform numbers and comparing them (10.4 against 4.6 ms for a (128, 16, 512)
 tensor, 2 threads): with four dropouts a training step, a few percent of the step. The
 distribution is the same: each element is kept with probability 1 - p and scaled by
 1 / (1 - p).
+
+Word dropout drops whole token embeddings (a token is read as if it were missing) instead
+of single elements: a regulariser for small corpora, where models learn to lean on every
+word of the training sentences (Sennrich et al., 2016; Sennrich and Zhang, 2019).
 """
 
 from __future__ import annotations
@@ -26,6 +30,14 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if p >= 1.0:
         return x * 0.0
     return x * dropout_mask(x.shape, p, x.dtype, x.device)
+
+
+def word_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
+    """Drop whole token vectors: x (batch, len, emb), each token's vector zeroed with
+    probability p and the others scaled by 1 / (1 - p); identity outside training."""
+    if not training or p == 0.0:
+        return x
+    return x * dropout_mask(x.shape[:-1] + (1,), p, x.dtype, x.device)  # mask (batch, len, 1)
 
 
 class Dropout(nn.Dropout):

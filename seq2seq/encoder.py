@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
-from .dropout import Dropout, dropout
+from .dropout import Dropout, dropout, word_dropout
 from .tokenizer import PAD_ID
 
 
@@ -34,10 +34,12 @@ class Encoder(nn.Module):
         num_layers: int = 1,
         bidirectional: bool = True,
         dropout: float = 0.0,
+        word_dropout: float = 0.0,
     ):
         super().__init__()
         self.embedding = nn.Embedding(vocab_size, embedding_size, padding_idx=PAD_ID)
         self.dropout = Dropout(dropout)
+        self.word_dropout = word_dropout  # probability of dropping a whole source token in training
         self.lstm = nn.LSTM(
             embedding_size,
             hidden_size,
@@ -64,7 +66,7 @@ class Encoder(nn.Module):
             outputs: (batch, src_len, directions*hidden), zeros at padding.
             (h_n, c_n): each (directions*layers, batch, hidden), as nn.LSTM returns them.
         """
-        emb = self.dropout(self.embedding(src))  # (batch, src_len, emb)
+        emb = self.dropout(word_dropout(self.embedding(src), self.word_dropout, self.training))  # (batch, src_len, emb)
         if emb.device.type == "cpu":
             outputs, (h_n, c_n) = self.segmented(emb, src_len)
         else:  # cuDNN runs packed sequences fused already

@@ -36,6 +36,7 @@ class ModelConfig:
     bridge: str = "dense"
     input_feeding: bool = True
     dropout: float = 0.2
+    word_dropout: float = 0.0  # probability of dropping a whole input token (source and target) in training
     tie_embeddings: bool = False
     share_embeddings: bool = False  # source and target share one embedding (joint vocab only)
 
@@ -55,6 +56,8 @@ class ModelConfig:
                              f"got {self.decoder_hidden_sizes}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if not 0.0 <= self.word_dropout < 1.0:
+            raise ValueError(f"model.word_dropout must be in [0, 1), got {self.word_dropout}")
         if self.share_embeddings and self.src_vocab_size != self.tgt_vocab_size:
             raise ValueError("model.share_embeddings needs a joint vocabulary (tokenizer.joint=true)")
 
@@ -76,7 +79,7 @@ class Seq2Seq(nn.Module):
         self.config = config
         self.encoder = Encoder(
             config.src_vocab_size, config.embedding_size, config.encoder_hidden_size,
-            config.encoder_layers, config.bidirectional, config.dropout,
+            config.encoder_layers, config.bidirectional, config.dropout, config.word_dropout,
         )
         self.bridge = Bridge(config.bridge, config.encoder_hidden_size, config.encoder_layers,
                              self.encoder.num_directions, config.decoder_hidden_sizes)
@@ -84,6 +87,7 @@ class Seq2Seq(nn.Module):
             config.tgt_vocab_size, config.embedding_size, config.decoder_hidden_sizes,
             self.encoder.output_size, attention=config.attention, attention_size=config.attention_size,
             dropout=config.dropout, input_feeding=config.input_feeding, tie_embeddings=config.tie_embeddings,
+            word_dropout=config.word_dropout,
         )
         if config.share_embeddings:
             self.decoder.embedding.weight = self.encoder.embedding.weight

@@ -136,6 +136,58 @@ def test_dropout_keeps_its_rate_and_scale_and_is_off_in_eval():
     assert layer.eval()(x) is x
 
 
+def test_word_dropout_drops_whole_tokens_at_its_rate_and_scale_and_is_off_in_eval():
+    from seq2seq.dropout import word_dropout
+    x = torch.rand(400, 500, 8) + 0.5                      # (batch, len, emb), no zeros of its own
+    y = word_dropout(x, 0.25)
+    dropped = (y == 0).all(-1)                             # (batch, len)
+    assert ((y == 0).any(-1) == dropped).all()             # a token is dropped whole or not at all
+    assert abs(dropped.float().mean().item() - 0.25) < 0.01
+    torch.testing.assert_close(y[~dropped], x[~dropped] / 0.75)
+    assert word_dropout(x, 0.25, training=False) is x and word_dropout(x, 0.0) is x
+
+
+@pytest.mark.parametrize("input_feeding", [True, False])
+def test_word_dropout_reaches_both_embeddings_in_training_only(input_feeding, monkeypatch):
+    # what the encoder LSTM and the decoder cells read: each source and target token's embedding
+    # whole and scaled by 1 / (1 - p), or zeros; in eval mode the model is the one without it
+    torch.manual_seed(0)
+    kwargs = dict(src_vocab_size=30, tgt_vocab_size=25, embedding_size=16, encoder_hidden_size=12,
+                  decoder_hidden_sizes=[20], dropout=0.0, input_feeding=input_feeding)
+    model = Seq2Seq(ModelConfig(word_dropout=0.5, **kwargs))
+    plain = Seq2Seq(ModelConfig(**kwargs))
+    plain.load_state_dict(model.state_dict())
+    src, src_len = random_sources([40, 40, 40], 30, seed=1)
+    tgt_in = torch.randint(4, 25, (3, 40))
+    tgt_in[:, 0] = BOS_ID
+    seen = {}
+    segmented, embed = model.encoder.segmented, model.decoder.embed
+
+    def encoder_reads(emb, lens):
+        seen["src"] = emb
+        return segmented(emb, lens)
+
+    def decoder_reads(tokens):
+        seen["tgt"] = embed(tokens)
+        return seen["tgt"]
+
+    monkeypatch.setattr(model.encoder, "segmented", encoder_reads)
+    monkeypatch.setattr(model.decoder, "embed", decoder_reads)
+    model.train()
+    model(src, src_len, tgt_in)
+    for name, tokens, table in (("src", src, model.encoder.embedding), ("tgt", tgt_in, model.decoder.embedding)):
+        read, full = seen[name].detach(), table(tokens).detach() * 2       # (3, 40, 16) each
+        dropped = (read == 0).all(-1)
+        assert 0.3 < dropped.float().mean().item() < 0.7, name
+        torch.testing.assert_close(read[~dropped], full[~dropped], msg=name)
+    model.eval()
+    monkeypatch.undo()
+    with torch.no_grad():
+        torch.testing.assert_close(model(src, src_len, tgt_in)[0], plain.eval()(src, src_len, tgt_in)[0])
+    with pytest.raises(ValueError, match="model.word_dropout must be in \\[0, 1\\), got 1.0"):
+        ModelConfig(word_dropout=1.0, **kwargs)
+
+
 @pytest.mark.parametrize("layers,bidirectional", [(1, True), (1, False), (2, True), (3, False)])
 def test_segmented_encoder_equals_nn_lstm_over_packed_sequences(layers, bidirectional):
     # outputs, final states and every gradient, with lengths from 1 to the full width in any order
