@@ -6,6 +6,7 @@
 #   bash scripts/multi30k.sh --full     # the full recipe (up to 2 hours on a 2-core CPU)
 #   bash scripts/multi30k.sh --full de_en
 #   bash scripts/multi30k.sh --full --members 3 de_en   # an ensemble of 3 (default 2) sharing the cores
+#   bash scripts/multi30k.sh --full --seed 3 de_en      # members seeded 3, 4 (default 1, 2): a second run
 #
 # Data: a local copy at $MULTI30K_DIR (default ../shared/data/multi30k) is used when it
 # exists; otherwise the public original is downloaded. Extra arguments after the
@@ -15,17 +16,27 @@ cd "$(dirname "$0")/.."
 schedule=quick
 members=2
 members_given=0
+first_seed=1
+seed_given=0
 while [[ "${1:-}" == --* ]]; do
     case "$1" in
         --full) schedule=full; shift;;
         --members) members="${2:-}"; members_given=1; shift 2 || { echo "--members needs a number" >&2; exit 2; };;
-        *) echo "unknown option '$1': use --full, --members N" >&2; exit 2;;
+        --seed) first_seed="${2:-}"; seed_given=1; shift 2 || { echo "--seed needs a number" >&2; exit 2; };;
+        *) echo "unknown option '$1': use --full, --members N, --seed N" >&2; exit 2;;
     esac
 done
 if ! [[ "$members" =~ ^[1-9][0-9]*$ ]]; then echo "--members must be a whole number >= 1, got '$members'" >&2; exit 2; fi
+if ! [[ "$first_seed" =~ ^(0|[1-9][0-9]*)$ ]]; then echo "--seed must be a whole number >= 0, got '$first_seed'" >&2; exit 2; fi
 if [[ "$schedule" == quick && "$members_given" == 1 ]]; then echo "--members applies to --full only" >&2; exit 2; fi
+if [[ "$schedule" == quick && "$seed_given" == 1 ]]; then echo "--seed applies to --full only (the quick schedule takes seed=N)" >&2; exit 2; fi
 direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
+if [[ "$schedule" == full ]]; then
+    for arg in "$@"; do  # one seed for every member would train the same model twice
+        if [[ "$arg" == seed=* ]]; then echo "'$arg' would give every member the same seed: use --seed N (members get N, N+1, ...)" >&2; exit 2; fi
+    done
+fi
 src="${direction%_*}"; tgt="${direction#*_}"
 
 bash scripts/setup.sh
@@ -53,19 +64,20 @@ done
 if [[ "$schedule" == quick ]]; then
     seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}" "$@"
 else
-    # The full recipe is an ensemble: models with seeds 1..members (one tokenizer) trained side by
-    # side, sharing the cores for the recipe's time, packed into one model.pt whose length
-    # penalty is chosen on the validation set.
+    # The full recipe is an ensemble: models seeded first_seed, first_seed+1, ... (one tokenizer)
+    # trained side by side, sharing the cores for the recipe's time, packed into one model.pt
+    # whose length penalty is chosen on the validation set.
     mkdir -p "$run_dir"
     threads=$(( $(nproc) / members )); (( threads >= 1 )) || threads=1
     pids=()
     checkpoints=()
-    for seed in $(seq 1 "$members"); do
-        checkpoints+=(-c "${run_dir}/member${seed}/model.pt")
-        echo ">>> training member ${seed} of ${members} on ${threads} thread(s): ${run_dir}/member${seed}/train.log" >&2
-        OMP_NUM_THREADS=$threads seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}/member${seed}" \
+    for member in $(seq 1 "$members"); do
+        seed=$(( first_seed + member - 1 ))
+        checkpoints+=(-c "${run_dir}/member${member}/model.pt")
+        echo ">>> training member ${member} of ${members} (seed ${seed}) on ${threads} thread(s): ${run_dir}/member${member}/train.log" >&2
+        OMP_NUM_THREADS=$threads seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}/member${member}" \
             "seed=${seed}" tokenizer.seed=1 data.test=null 'evaluate.alphas=[0.0]' "$@" \
-            > "${run_dir}/member${seed}.out" 2>&1 &
+            > "${run_dir}/member${member}.out" 2>&1 &
         pids+=("$!")
     done
     failed=0

@@ -300,8 +300,14 @@ def test_benchmark_json_covers_training_decoding_scale_and_profile(toy_run, tmp_
     (["--full", "--members"], "--members needs a number"),
     (["--members", "3"], "--members applies to --full only"),
     (["--members", "2", "de_en"], "--members applies to --full only"),
-    (["--fast"], "unknown option '--fast': use --full, --members N"),
+    (["--fast"], "unknown option '--fast': use --full, --members N, --seed N"),
     (["--full", "fr_en"], "direction must be en_de or de_en, got 'fr_en'"),
+    (["--full", "--seed"], "--seed needs a number"),
+    (["--full", "--seed", "-1"], "--seed must be a whole number >= 0, got '-1'"),
+    (["--full", "--seed", "08"], "--seed must be a whole number >= 0, got '08'"),
+    (["--seed", "3", "en_de"], "--seed applies to --full only (the quick schedule takes seed=N)"),
+    (["--full", "de_en", "trainer.max_epochs=2", "seed=7"],
+     "'seed=7' would give every member the same seed: use --seed N (members get N, N+1, ...)"),
 ])
 def test_the_main_script_refuses_bad_options_before_installing_anything(args, message, tmp_path):
     # a copy of the script in an empty tree: had it gone on, it would have failed on scripts/setup.sh
@@ -314,8 +320,8 @@ def test_the_main_script_refuses_bad_options_before_installing_anything(args, me
 
 
 def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_path):
-    """`scripts/multi30k.sh --full de_en` end to end on a synthetic Multi30k, with a tiny model:
-    two members with seeds 1 and 2 side by side, one ensemble file with its length penalty,
+    """`scripts/multi30k.sh --full --seed 3 de_en` end to end on a synthetic Multi30k, with a tiny
+    model: two members with seeds 3 and 4 side by side, one ensemble file with its length penalty,
     three translated lines and a score with its signature."""
     from seq2seq import toy as toy_task
 
@@ -336,13 +342,13 @@ def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_pa
             "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[16]", "train.batch_size=32",
             "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
     env = {**os.environ, "MULTI30K_DIR": str(corpus), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "de_en", *tiny],
+    proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "--seed", "3", "de_en", *tiny],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tree / "runs" / "multi30k_de_en"
-    assert "training member 2 of 2 on" in proc.stderr
+    assert "training member 2 of 2 (seed 4) on" in proc.stderr
     info = read_checkpoint(run / "model.pt")["seq2seq"]
-    assert info["kind"] == "ensemble" and [m["config"]["seed"] for m in info["members"]] == [1, 2]
+    assert info["kind"] == "ensemble" and [m["config"]["seed"] for m in info["members"]] == [3, 4]
     assert all(m["config"]["model"]["embedding_size"] == 16 for m in info["members"])  # the overrides reached both
     assert info["meta"]["decoding"]["beam_size"] == 5  # the length penalty seq2seq-tune chose
     # both members tokenized the corpus at once into one cache: one entry, no half-built one left
