@@ -6,7 +6,7 @@
 #   bash scripts/multi30k.sh --full     # the full recipe (up to 2 hours on a 2-core CPU)
 #   bash scripts/multi30k.sh --full de_en
 #   bash scripts/multi30k.sh --full --members 3 de_en   # an ensemble of 3 (default 2) sharing the cores
-#   bash scripts/multi30k.sh --full --seed 3 de_en      # members seeded 3, 4 (default 1, 2): a second run
+#   bash scripts/multi30k.sh --full --seed 3 de_en      # members seeded 3, 4 (default 1, 2) in runs/..._seed3
 #
 # Data: a local copy at $MULTI30K_DIR (default ../shared/data/multi30k) is used when it
 # exists; otherwise the public original is downloaded. Extra arguments after the
@@ -58,6 +58,8 @@ if [[ "$schedule" == quick ]]; then
     echo ">>> The full recipe: bash scripts/multi30k.sh --full ${direction}" >&2
 fi
 run_dir="runs/${experiment}"
+# other seeds train in a directory of their own: the default one would resume seed 1's members
+if (( first_seed != 1 )); then run_dir="${run_dir}_seed${first_seed}"; fi
 for arg in "$@"; do  # a hydra.run.dir=... override of the user's wins, here too
     if [[ "$arg" == hydra.run.dir=* ]]; then run_dir="${arg#hydra.run.dir=}"; fi
 done

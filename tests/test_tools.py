@@ -345,7 +345,7 @@ def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_pa
     proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "--seed", "3", "de_en", *tiny],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    run = tree / "runs" / "multi30k_de_en"
+    run = tree / "runs" / "multi30k_de_en_seed3"  # not seed 1's directory, which it would resume
     assert "training member 2 of 2 (seed 4) on" in proc.stderr
     info = read_checkpoint(run / "model.pt")["seq2seq"]
     assert info["kind"] == "ensemble" and [m["config"]["seed"] for m in info["members"]] == [3, 4]
@@ -354,7 +354,7 @@ def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_pa
     # both members tokenized the corpus at once into one cache: one entry, no half-built one left
     assert [p.name.count(".tmp") for p in (tree / "data" / "multi30k" / ".token-cache").iterdir()] == [0]
     lines = proc.stdout.split("\n")
-    assert "stored in runs/multi30k_de_en/model.pt" in lines[-7], proc.stdout  # seq2seq-tune's choice
+    assert "stored in runs/multi30k_de_en_seed3/model.pt" in lines[-7], proc.stdout  # seq2seq-tune's choice
     # the three test sentences (one line each, even an empty translation), then the scores
     assert lines[-3].startswith("BLEU = ") and "nrefs:1|case:mixed" in lines[-3], proc.stdout
     assert lines[-2].startswith("chrF2 = ") and lines[-1] == "", proc.stdout
