@@ -32,11 +32,13 @@ if [[ "$schedule" == quick && "$members_given" == 1 ]]; then echo "--members app
 if [[ "$schedule" == quick && "$seed_given" == 1 ]]; then echo "--seed applies to --full only (the quick schedule takes seed=N)" >&2; exit 2; fi
 direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
-if [[ "$schedule" == full ]]; then
-    for arg in "$@"; do  # one seed for every member would train the same model twice
-        if [[ "$arg" == seed=* ]]; then echo "'$arg' would give every member the same seed: use --seed N (members get N, N+1, ...)" >&2; exit 2; fi
-    done
-fi
+run_dir_given=""
+for arg in "$@"; do  # the Hydra overrides: a run directory of the user's wins, here too
+    if [[ "$arg" == hydra.run.dir=* ]]; then run_dir_given="${arg#hydra.run.dir=}"; fi
+    if [[ "$schedule" == full && "$arg" == seed=* ]]; then  # it would train the same model twice
+        echo "'$arg' would give every member the same seed: use --seed N (members get N, N+1, ...)" >&2; exit 2
+    fi
+done
 src="${direction%_*}"; tgt="${direction#*_}"
 
 bash scripts/setup.sh
@@ -60,9 +62,7 @@ fi
 run_dir="runs/${experiment}"
 # other seeds train in a directory of their own: the default one would resume seed 1's members
 if (( first_seed != 1 )); then run_dir="${run_dir}_seed${first_seed}"; fi
-for arg in "$@"; do  # a hydra.run.dir=... override of the user's wins, here too
-    if [[ "$arg" == hydra.run.dir=* ]]; then run_dir="${arg#hydra.run.dir=}"; fi
-done
+run_dir="${run_dir_given:-$run_dir}"
 if [[ "$schedule" == quick ]]; then
     seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}" "$@"
 else
