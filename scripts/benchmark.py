@@ -129,7 +129,7 @@ from torch import nn
 import seq2seq
 from seq2seq import matmul
 from seq2seq.checkpoint import CheckpointError, load_model
-from seq2seq.cpu import cpu_fields, keep_freed_memory
+from seq2seq.cpu import TRAINING_KERNELS, cpu_fields, keep_freed_memory, limit_kernel_cache
 from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
 from seq2seq.files import InputError, read_lines
 from seq2seq.metrics import corpus_scores
@@ -141,6 +141,8 @@ from seq2seq.train import training_precision
 from seq2seq.translate import SearchOptions, Translator
 
 SECTIONS = ("peak", "train", "decode", "memory")
+KERNEL_CACHE_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+USER_KERNEL_CACHE = os.environ.get(KERNEL_CACHE_VAR)  # before main() sets the training value
 OPTIONAL_SECTIONS = ("scale", "profile")  # minutes of work at millions of pairs; profiler tables
 SCHEMA = "seq2seq-benchmark/1"
 CHILD_START = time.perf_counter()  # after imports: where a child's time to first step starts
@@ -734,7 +736,11 @@ def child_args(args, job: str, extra: list[str] | None = None) -> list[str]:
 def run_child(args, job: str, extra: list[str] | None = None) -> dict:
     """Start a child, read its JSON and its peak resident set (see own_peak_rss_kb)."""
     with tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(child_args(args, job, extra), stdout=subprocess.PIPE, stderr=err, text=True)
+        env = {k: v for k, v in os.environ.items() if k != KERNEL_CACHE_VAR}
+        if USER_KERNEL_CACHE is not None:  # else each child sets its own, as seq2seq-train and -translate do
+            env[KERNEL_CACHE_VAR] = USER_KERNEL_CACHE
+        proc = subprocess.Popen(child_args(args, job, extra), stdout=subprocess.PIPE, stderr=err, text=True,
+                                env=env)
         stdout = proc.stdout.read()
         proc.stdout.close()
         _, status, usage = os.wait4(proc.pid, 0)
@@ -1051,6 +1057,7 @@ def run(args) -> dict:
     if "profile" in args.only:
         report["profile"] = bench_profile(args, dict(info["model_config"]), src_tok, tgt_tok, opts)
     report["environment"]["malloc_tuned"] = not args.no_malloc_tuning
+    report["environment"]["onednn_kernel_cache"] = os.environ.get(KERNEL_CACHE_VAR)
     report["elapsed_s"] = time.perf_counter() - started
     return report
 
@@ -1062,6 +1069,8 @@ def main(argv: list[str] | None = None) -> int:
         parser().error("--warmup and --peak-warmup must be >= 0")
     if not args.no_malloc_tuning:
         keep_freed_memory()
+    if args._child != "translate":
+        limit_kernel_cache(TRAINING_KERNELS)  # as seq2seq-train keeps them: training speed depends on it
     try:
         if args._child:
             return child_main(args)

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .tanh import tanh_
+
 ATTENTION_TYPES = ("bahdanau", "dot", "general")
 
 
@@ -86,7 +88,7 @@ class BahdanauAttention(Attention):
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         q = self.query_layer(query).unsqueeze(2)                    # (batch, steps, 1, attention_size)
-        energy = (q + keys.unsqueeze(1)).tanh_()   # (batch, steps, src_len, attention_size); in place: one buffer
+        energy = tanh_(q + keys.unsqueeze(1))      # (batch, steps, src_len, attention_size); in place: one buffer
         return self.energy_layer(energy).squeeze(-1)                # (batch, steps, src_len)
 
     def masked_scores(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -101,7 +103,7 @@ class BahdanauAttention(Attention):
         flat = sentence * width + real[:, 1]                        # (P,) index into batch*width
         k = keys.reshape(batch * width, -1).index_select(0, flat)   # (P, attention_size)
         q = self.query_layer(query).index_select(0, sentence)       # (P, steps, attention_size)
-        energy = q.add_(k.unsqueeze(1)).tanh_()                     # (P, steps, attention_size)
+        energy = tanh_(q.add_(k.unsqueeze(1)))                      # (P, steps, attention_size)
         real_scores = self.energy_layer(energy).squeeze(-1)         # (P, steps)
         scores = real_scores.new_full((batch * width, query.size(1)), float("-inf"))
         scores = scores.index_copy(0, flat, real_scores)            # (batch*width, steps)

@@ -43,16 +43,24 @@ def keep_freed_memory(mmap_threshold: int = 32 << 20, trim_threshold: int = 1 <<
     return _done
 
 
-def limit_kernel_cache(capacity: int = 16) -> None:
+# Kernels kept for translation: a beam search meets a new row count at most steps, and each
+# bfloat16 output-layer kernel there holds its own weight copy (8 MB at the peer size).
+TRANSLATION_KERNELS = 16
+# Kernels kept for training: a step meets about twenty shapes (the decoder's step products, the
+# output layer's, the encoder's segments, the attention's); with too few kept, every step
+# compiles them again.
+TRAINING_KERNELS = 1024
+
+
+def limit_kernel_cache(capacity: int = TRANSLATION_KERNELS) -> None:
     """Keep at most `capacity` compiled oneDNN kernels (1,024 by default).
 
-    oneDNN keeps a kernel, with its own copy of the weights in its layout, for every matrix
-    shape it has met. A beam search meets a new row count at most steps, and in bfloat16 each
-    output-layer kernel of the peer-sized model holds an 8 MB weight copy: decoding test2016
-    (beam 5, batch 64) peaked at 726 MB instead of 426 MB in float32, and at 581 MB with 16
-    kernels, at the same speed. Training meets a new token count, so new output-layer shapes,
-    at almost every batch. Takes effect only before oneDNN's first kernel; a value set in the
-    environment wins.
+    oneDNN compiles a kernel for every matrix or LSTM shape it meets and keeps the last
+    `capacity`. Translation (`TRANSLATION_KERNELS`): decoding test2016 (beam 5, batch 64) in
+    bfloat16 peaked at 726 MB with 1,024 kernels and 581 MB with 16, at the same speed.
+    Training (`TRAINING_KERNELS`) needs a step's worth and more: with 16, a step compiled
+    most of its kernels again. The measurements are in docs/RESULTS.md. Takes effect only
+    before oneDNN's first kernel; a value set in the environment wins.
     """
     os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
 

@@ -25,7 +25,10 @@ def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
 
     Args:
         logits: (rows, vocab), any float dtype (bfloat16 logits are read as float32).
-        target: (rows,) class indices; every row counts (select real tokens beforehand).
+        target: (tokens,) class indices of the first `tokens` <= rows rows; every one counts
+            (select real tokens beforehand). Rows after them are padding (a product padded to
+            a shape its kernel is compiled for, `matmul.pad_rows`): they add nothing and get a
+            zero gradient.
         smoothing: eps in [0, 1).
         bias: optional (vocab,) added to every row in float32 here, block by block: the
             output layer's bias, whose gradient (a sum over all rows of the logits'
@@ -33,9 +36,9 @@ def label_smoothed_nll(logits: torch.Tensor, target: torch.Tensor, smoothing: fl
     Returns:
         a float32 scalar (float64 for float64 logits).
     """
-    if logits.dim() != 2 or target.shape != logits.shape[:1]:
-        raise ValueError(f"logits must be (rows, vocab) and target (rows,), got {tuple(logits.shape)} "
-                         f"and {tuple(target.shape)}")
+    if logits.dim() != 2 or target.dim() != 1 or target.size(0) > logits.size(0):
+        raise ValueError(f"logits must be (rows, vocab) and target (tokens,) with tokens <= rows, got "
+                         f"{tuple(logits.shape)} and {tuple(target.shape)}")
     if bias is not None and bias.shape != logits.shape[1:]:
         raise ValueError(f"bias must be (vocab,) = ({logits.size(1)},), got {tuple(bias.shape)}")
     if not 0.0 <= smoothing < 1.0:
@@ -59,7 +62,7 @@ class _LabelSmoothedNLL(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, bias, target, smoothing):
         acc = torch.promote_types(logits.dtype, torch.float32)
-        rows, vocab = logits.shape
+        rows, vocab = target.size(0), logits.size(1)
         lse = torch.empty(rows, dtype=acc, device=logits.device)       # (rows,) log-sum-exp
         per_row = torch.empty(rows, dtype=acc, device=logits.device)   # (rows,) loss of each row
         for block in _blocks(rows, vocab):
@@ -75,8 +78,9 @@ class _LabelSmoothedNLL(torch.autograd.Function):
     def backward(ctx, grad):
         logits, bias, target, lse = ctx.saved_tensors
         eps = ctx.smoothing
-        rows, vocab = logits.shape
+        rows, vocab = target.size(0), logits.size(1)
         out = torch.empty_like(logits)                                 # (rows, vocab) in the logits' dtype
+        out[rows:].zero_()                                             # padding rows
         d_bias = torch.zeros(vocab, dtype=lse.dtype, device=lse.device) if bias is not None else None
         scale = float(grad)
         # d/dx = scale * (softmax(x) - (1 - eps) * onehot(target) - eps / vocab); a positive scale

@@ -129,6 +129,23 @@ class _Linear(torch.autograd.Function):
         return d_x, d_w
 
 
+# oneDNN compiles a kernel for each matrix shape it meets: about 2 ms for an output-layer product
+# of the peer-sized model on an AMX Xeon, three such products a training step, and the row count
+# (the batch's target tokens) is new at almost every batch
+ROW_MULTIPLE = 128
+
+
+def pad_rows(x: torch.Tensor) -> torch.Tensor:
+    """x (rows, k) with zero rows appended up to a multiple of ROW_MULTIPLE where oneDNN multiplies it
+    (a CPU tensor under bfloat16 autocast, or float32 routed here); x itself elsewhere."""
+    if x.dim() != 2 or x.device.type != "cpu" or x.size(0) % ROW_MULTIPLE == 0:
+        return x
+    if not ((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+            or x.dtype == torch.bfloat16 or _routed(x)):
+        return x
+    return F.pad(x, (0, 0, 0, -x.size(0) % ROW_MULTIPLE))                              # (rows', k)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x, weight)` for x (rows, in) and weight (out, in), with autograd, through oneDNN when routed."""
     if x.dim() == 2 and weight.is_contiguous() and _routed(x, weight):

@@ -16,7 +16,7 @@ from .attention import ATTENTION_TYPES, Memory
 from .decoder import BRIDGES, Bridge, Decoder, DecoderState
 from .encoder import Encoder
 from .loss import label_smoothed_nll
-from .matmul import linear
+from .matmul import linear, pad_rows
 from .tokenizer import PAD_ID
 
 
@@ -171,7 +171,8 @@ class Seq2Seq(nn.Module):
         vectors, _ = self.decoder.attentional_vectors(tgt_in, state, memory)  # (batch, tgt_len, out)
         real = tgt_out != PAD_ID                                               # (batch, tgt_len)
         layer = self.decoder.output_layer
-        logits = linear(self.decoder.dropout(vectors[real]), layer.weight)     # (tokens, vocab)
+        # rows padded to a shape whose kernels are reused from batch to batch (matmul.pad_rows)
+        logits = linear(pad_rows(self.decoder.dropout(vectors[real])), layer.weight)  # (rows >= tokens, vocab)
         targets = tgt_out[real]                                                # (tokens,)
         return label_smoothed_nll(logits, targets, label_smoothing, bias=layer.bias), targets.numel()
 

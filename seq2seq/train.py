@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import matmul, toy
 from .average import average, checkpoints_oldest_first
 from .checkpoint import CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
-from .cpu import keep_freed_memory, limit_kernel_cache
+from .cpu import TRAINING_KERNELS, keep_freed_memory, limit_kernel_cache
 from .datamodule import TranslationDataModule
 from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
@@ -471,7 +471,7 @@ def train(cfg: DictConfig) -> dict:
     if not precision.startswith(("bf16", "16")) and _trains_on_cpu(cfg.trainer):
         log.info("float32 matrix products: %s", "oneDNN" if onednn else "the default BLAS (MKL)")
     keep_freed_memory()
-    limit_kernel_cache()  # each batch's token count is a new matrix shape: without a cap, its kernels pile up
+    limit_kernel_cache(TRAINING_KERNELS)
     L.seed_everything(cfg.seed, workers=True)
     resume = find_resume(cfg, run_dir)
     if resume is None:

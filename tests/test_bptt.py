@@ -96,8 +96,8 @@ def _reversal_batches(steps: int, batch: int = 32, vocab: int = 20, seed: int = 
         yield src, lengths + 1, tgt_in, tgt_out
 
 
-def _train_reversal(autocast: bool, steps: int = 300) -> list[float]:
-    torch.manual_seed(0)
+def _train_reversal(autocast: bool, steps: int = 300, seed: int = 0) -> list[float]:
+    torch.manual_seed(seed)
     cfg = ModelConfig(src_vocab_size=20, tgt_vocab_size=20, embedding_size=32, encoder_hidden_size=32,
                       decoder_hidden_sizes=[64], dropout=0.1)
     model = Seq2Seq(cfg).train()
@@ -116,13 +116,17 @@ def _train_reversal(autocast: bool, steps: int = 300) -> list[float]:
 
 
 def test_a_toy_model_trained_in_bfloat16_matches_float32():
-    # the same model, data and seed for 300 steps of a reversal task, with and without bfloat16
-    # autocast (Lightning's bf16-mixed): both learn it, and the bfloat16 loss over the last 20
-    # steps stays within 0.05 nats of float32's (measured: 0.740 against 0.745)
-    fp32, bf16 = _train_reversal(False), _train_reversal(True)
-    late32, late16 = sum(fp32[-20:]) / 20, sum(bf16[-20:]) / 20
-    assert late32 < 0.5 * fp32[0] and late16 < 0.5 * bf16[0]
-    assert abs(late16 - late32) < 0.05, (late32, late16)
+    # the same models, data and seeds for 300 steps of a reversal task, with and without bfloat16
+    # autocast (Lightning's bf16-mixed): both learn it, and over three seeds the bfloat16 loss of
+    # the last 50 steps stays within 0.1 nats of float32's (measured on an AMX Xeon: 0.724 against
+    # 0.748). One seed alone says little: its two runs part ways, by up to 0.11 nats either way.
+    late32, late16 = [], []
+    for seed in range(3):
+        fp32, bf16 = _train_reversal(False, seed=seed), _train_reversal(True, seed=seed)
+        late32.append(sum(fp32[-50:]) / 50)
+        late16.append(sum(bf16[-50:]) / 50)
+        assert late32[-1] < 0.5 * fp32[0] and late16[-1] < 0.5 * bf16[0]
+    assert abs(sum(late16) / 3 - sum(late32) / 3) < 0.1, (late32, late16)
 
 
 def test_bfloat16_autocast_runs_the_products_in_bfloat16_and_keeps_float32_gradients():
@@ -200,9 +204,43 @@ def test_label_smoothed_nll_reads_bfloat16_logits_and_returns_their_dtype():
 
 
 def test_label_smoothed_nll_names_bad_arguments():
-    with pytest.raises(ValueError, match=r"logits must be \(rows, vocab\) and target \(rows,\), got \(2, 3, 4\)"):
+    with pytest.raises(ValueError, match=r"logits must be \(rows, vocab\) and target \(tokens,\) with tokens <= rows, got \(2, 3, 4\) and \(2,\)"):
         label_smoothed_nll(torch.zeros(2, 3, 4), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"bias must be \(vocab,\) = \(3,\), got \(4,\)"):
         label_smoothed_nll(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), bias=torch.zeros(4))
     with pytest.raises(ValueError, match="label smoothing must be in \\[0, 1\\), got 1.0"):
         label_smoothed_nll(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), 1.0)
+
+
+def test_padding_rows_after_the_targets_add_nothing_and_get_no_gradient():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(24, 9, generator=g, dtype=torch.float64, requires_grad=True)
+    target = torch.randint(0, 9, (17,), generator=g)
+    bias = torch.randn(9, generator=g, dtype=torch.float64, requires_grad=True)
+    ours = label_smoothed_nll(logits, target, 0.1, bias=bias)
+    ref = label_smoothed_nll(logits[:17], target, 0.1, bias=bias)
+    torch.testing.assert_close(ours, ref)
+    grads = torch.autograd.grad(ours, [logits, bias])
+    ref_grads = torch.autograd.grad(ref, [logits, bias])
+    torch.testing.assert_close(grads[0], ref_grads[0])      # the slice's gradient is zero past row 17
+    assert not grads[0][17:].any()
+    torch.testing.assert_close(grads[1], ref_grads[1])
+    with pytest.raises(ValueError, match=r"tokens <= rows, got \(24, 9\) and \(25,\)"):
+        label_smoothed_nll(logits, torch.zeros(25, dtype=torch.long), 0.1)
+
+
+def test_token_loss_under_bfloat16_autocast_pads_the_output_product_and_scores_the_same(monkeypatch):
+    from seq2seq import matmul
+    monkeypatch.setattr(matmul, "enabled", lambda: False)           # float32 through MKL
+    model = _model("bahdanau", [12], dtype=torch.float32).eval()
+    src, src_len, tgt = _batch()
+    x = torch.randn(13, 12)
+    assert matmul.pad_rows(x) is x                                  # MKL compiles nothing per shape
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert matmul.pad_rows(x).shape == (matmul.ROW_MULTIPLE, 12)
+        assert not matmul.pad_rows(x)[13:].any()
+        padded, count = model.token_loss(src, src_len, tgt, tgt, 0.1)
+        monkeypatch.setattr(matmul, "ROW_MULTIPLE", 1)
+        plain, _ = model.token_loss(src, src_len, tgt, tgt, 0.1)
+    assert count == int((tgt != 0).sum())
+    torch.testing.assert_close(padded, plain, rtol=1e-3, atol=1e-3)
