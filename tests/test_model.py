@@ -267,3 +267,14 @@ def test_beam_rows_sharing_one_memory_row_equal_a_replicated_memory(attention):
         torch.testing.assert_close(a, b)
     with pytest.raises(ValueError, match="10 query rows cannot share 3 sentences"):
         model.decode_step(prev[:10], state.index_select(torch.arange(10)), memory)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_cpu_dropout_masks_drop_at_the_rate_in_every_lane_of_a_random_word(p):
+    from seq2seq.dropout import dropout_mask
+    mask = dropout_mask((100_003,), p, torch.float32, "cpu")                # not a multiple of 4
+    torch.testing.assert_close(mask[mask != 0], torch.full_like(mask[mask != 0], 1 / (1 - p)))
+    # each 64-bit word gives four elements: a lane that is never or always dropped would show here
+    lanes = (mask[:100_000] == 0).view(-1, 4).float().mean(0)
+    assert torch.all((lanes - p).abs() < 0.01), lanes
+    assert not torch.equal(mask, dropout_mask((100_003,), p, torch.float32, "cpu"))
