@@ -31,7 +31,7 @@ import torch
 
 from .dropout import dropout_mask
 from .matmul import addmm_t, mm_t, mm_tn, transposed
-from .tanh import tanh_
+from .tanh import add_tanh
 
 # The Bahdanau energies of every step are kept for the backward pass when they take at
 # most this much memory; beyond it (long sentences) each step's are recomputed.
@@ -180,7 +180,7 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
         query = z[-1][t + 1, :, in_sizes[-1]:]                                     # (batch, top) in cdt
         if spec.attention == "bahdanau":
             q = mm_t(query, w_query, out=queries[t])                               # (batch, att)
-            energy = tanh_(torch.add(keys_c, q.unsqueeze(1), out=None if energies is None else energies[t]))
+            energy = add_tanh(keys_c, q, out=None if energies is None else energies[t])
             # energy: (batch, src_len, att)
             scores = torch.mm(energy.view(-1, energy.size(2)), v).view(batch, -1)  # (batch, src_len)
         else:
@@ -272,7 +272,7 @@ def _backward(ctx, d_vectors):
             if energies is not None:
                 energy = energies[t]                                               # (batch, src_len, att)
             else:
-                energy = tanh_(torch.add(keys_c, queries[t].unsqueeze(1)))
+                energy = add_tanh(keys_c, queries[t])
             d_v.add_(torch.mm(ds.view(1, -1), energy.view(-1, energy.size(2))))
             sq = energy.mul_(energy)          # in place: this step's energies are not read again
             sq_weighted = torch.bmm(ds.unsqueeze(1), sq).squeeze(1).to(f32)       # (batch, att)
