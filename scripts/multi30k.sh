@@ -2,7 +2,7 @@
 # The main job, end to end on a fresh machine: install, prepare Multi30k, train,
 # translate a few sentences, print test2016 BLEU and chrF with their signatures.
 #
-#   bash scripts/multi30k.sh            # quick schedule: 3 epochs, minutes on a 2-core CPU
+#   bash scripts/multi30k.sh            # quick schedule: 4 epochs (En→De; 3 De→En), minutes on a 2-core CPU
 #   bash scripts/multi30k.sh --full     # the full recipe (up to 2 hours on a 2-core CPU)
 #   bash scripts/multi30k.sh --full de_en
 #   bash scripts/multi30k.sh --full --members 3 de_en   # an ensemble of 3 (default 2) sharing the cores
