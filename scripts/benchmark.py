@@ -129,7 +129,7 @@ from torch import nn
 import seq2seq
 from seq2seq import matmul
 from seq2seq.checkpoint import CheckpointError, load_model
-from seq2seq.cpu import TRAINING_KERNELS, cpu_fields, keep_freed_memory, limit_kernel_cache
+from seq2seq.cpu import KERNEL_CACHE_VAR, TRAINING_KERNELS, cpu_fields, keep_freed_memory, limit_kernel_cache
 from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
 from seq2seq.files import InputError, read_lines
 from seq2seq.metrics import corpus_scores
@@ -141,7 +141,6 @@ from seq2seq.train import training_precision
 from seq2seq.translate import SearchOptions, Translator
 
 SECTIONS = ("peak", "train", "decode", "memory")
-KERNEL_CACHE_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
 USER_KERNEL_CACHE = os.environ.get(KERNEL_CACHE_VAR)  # before main() sets the training value
 OPTIONAL_SECTIONS = ("scale", "profile")  # minutes of work at millions of pairs; profiler tables
 SCHEMA = "seq2seq-benchmark/1"

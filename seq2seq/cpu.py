@@ -50,6 +50,7 @@ TRANSLATION_KERNELS = 16
 # output layer's, the encoder's segments, the attention's); with too few kept, every step
 # compiles them again.
 TRAINING_KERNELS = 1024
+KERNEL_CACHE_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"  # oneDNN's own setting; a value set there wins
 
 
 def limit_kernel_cache(capacity: int = TRANSLATION_KERNELS) -> None:
@@ -62,7 +63,7 @@ def limit_kernel_cache(capacity: int = TRANSLATION_KERNELS) -> None:
     most of its kernels again. The measurements are in docs/RESULTS.md. Takes effect only
     before oneDNN's first kernel; a value set in the environment wins.
     """
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", str(capacity))
+    os.environ.setdefault(KERNEL_CACHE_VAR, str(capacity))
 
 
 def cpu_fields() -> dict[str, str] | None:

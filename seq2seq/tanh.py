@@ -25,9 +25,9 @@ def tanh_(x: torch.Tensor) -> torch.Tensor:
 
 
 def _blocks_(x: torch.Tensor) -> torch.Tensor:
-    flat = x.view(-1) if x.is_contiguous() else None
-    if flat is None:  # a strided view: one float32 copy instead of blocks
+    if not x.is_contiguous():  # a strided view: one float32 copy instead of blocks
         return x.copy_(x.float().tanh_())
+    flat = x.view(-1)
     buf = torch.empty(min(BLOCK, flat.numel()), dtype=torch.float32)
     for start in range(0, flat.numel(), BLOCK):
         part = flat[start:start + BLOCK]
