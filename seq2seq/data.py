@@ -160,6 +160,15 @@ class ParallelDataset(Dataset):
         """(n,) the longer side of each pair, plus one for EOS/BOS: what batches pad to."""
         return np.maximum(self.src.lengths, self.tgt.lengths) + 1
 
+    @property
+    def ties(self) -> np.ndarray:
+        """(n, 2) source and target lengths: the order of pairs of equal `lengths` in a bucket.
+
+        Grouping equal source lengths gives the CPU encoder fewer distinct lengths per batch
+        (one LSTM kernel call per length and direction, encoder.py) and less source padding.
+        """
+        return np.stack([self.src.lengths, self.tgt.lengths], axis=1)
+
 
 class SubwordSampling(Dataset):
     """Training pairs segmented anew, at random, every time they are read (subword regularization).
@@ -192,6 +201,10 @@ class SubwordSampling(Dataset):
     @property
     def lengths(self) -> np.ndarray:
         return self.base.lengths
+
+    @property
+    def ties(self) -> np.ndarray:
+        return self.base.ties
 
     def _sample(self, tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
         if len(ids) == 0 or (ids == UNK_ID).any():
@@ -232,8 +245,10 @@ class BucketBatchSampler(Sampler[list[int]]):
     Each epoch draws a permutation from (seed, epoch), cuts it into pools of
     `pool_factor` batches, sorts each pool by length and cuts it into batches, then
     shuffles the batch order. Similar lengths keep padding small; the pools keep the
-    randomness. With several processes (DDP) each rank takes every `num_replicas`-th
-    batch, so all ranks see disjoint data and the same number of steps.
+    randomness. `ties` (n, k), when given, orders pairs of equal length by its columns,
+    first column first (ParallelDataset.ties: source, then target length). With several
+    processes (DDP) each rank takes every `num_replicas`-th batch, so all ranks see
+    disjoint data and the same number of steps.
 
     `load_state_dict({"epoch": e, "batches_done": n})` makes the next iteration skip
     the first n batches of epoch e, so a run resumed mid-epoch continues with the next
@@ -246,6 +261,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         batch_size: int,
         *,
         max_tokens: int | None = None,
+        ties: np.ndarray | None = None,
         shuffle: bool = True,
         seed: int = 0,
         pool_factor: int = 50,
@@ -256,6 +272,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.lengths = np.asarray(lengths)
+        self.ties = None if ties is None else np.asarray(ties).reshape(len(self.lengths), -1)
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.shuffle, self.seed, self.pool_factor = shuffle, seed, pool_factor
         self.num_replicas, self.rank, self.drop_uneven = num_replicas, rank, drop_uneven
@@ -282,6 +299,13 @@ class BucketBatchSampler(Sampler[list[int]]):
             start = end
         return batches
 
+    def _sorted(self, idx: np.ndarray) -> np.ndarray:
+        """idx ordered by length, then by the columns of `ties`; stable."""
+        if self.ties is None:
+            return idx[np.argsort(self.lengths[idx], kind="stable")]
+        keys = [self.ties[idx, k] for k in reversed(range(self.ties.shape[1]))]  # lexsort: last key first
+        return idx[np.lexsort(keys + [self.lengths[idx]])]
+
     def batches(self) -> list[np.ndarray]:
         """All batches of the current epoch for this rank, in order."""
         if self._cache is None or self._cache[0] != self.epoch:
@@ -291,8 +315,7 @@ class BucketBatchSampler(Sampler[list[int]]):
     def _make_batches(self) -> list[np.ndarray]:
         n = len(self.lengths)
         if not self.shuffle:
-            order = np.argsort(self.lengths, kind="stable")
-            batches = self._cut(order)
+            batches = self._cut(self._sorted(np.arange(n)))
         else:
             rng = np.random.default_rng([self.seed, self.epoch])
             perm = rng.permutation(n)
@@ -300,7 +323,7 @@ class BucketBatchSampler(Sampler[list[int]]):
             batches = []
             for i in range(0, n, pool):
                 chunk = perm[i:i + pool]
-                batches += self._cut(chunk[np.argsort(self.lengths[chunk], kind="stable")])
+                batches += self._cut(self._sorted(chunk))
             batches = [batches[i] for i in rng.permutation(len(batches))]
         if self.num_replicas > 1:
             # training: every rank must take the same number of steps, so drop the few

@@ -98,11 +98,11 @@ class TranslationDataModule(L.LightningDataModule):
         if self.trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
         self.train_sampler = BucketBatchSampler(
-            self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, shuffle=True,
-            seed=self.seed, num_replicas=world, rank=rank)
+            self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, ties=self.train_set.ties,
+            shuffle=True, seed=self.seed, num_replicas=world, rank=rank)
         self.valid_sampler = BucketBatchSampler(
-            self.valid_set.lengths, self.valid_batch_size, shuffle=False, num_replicas=world, rank=rank,
-            drop_uneven=False)
+            self.valid_set.lengths, self.valid_batch_size, ties=self.valid_set.ties, shuffle=False,
+            num_replicas=world, rank=rank, drop_uneven=False)
 
     def train_dataloader(self) -> DataLoader:
         dataset = self.train_set

@@ -61,6 +61,32 @@ def test_sampler_covers_each_pair_once_and_is_reproducible():
     assert 1 - lengths.sum() / padded < 0.1
 
 
+def test_sampler_orders_equal_lengths_by_ties():
+    # 400 pairs of one length whose source lengths take 4 values: a pool cut into 4 batches
+    # gives each batch one source length (the CPU encoder makes one kernel call per length)
+    rng = np.random.default_rng(0)
+    lengths = np.full(400, 20)
+    src_lengths = rng.integers(5, 9, size=400)
+    ties = np.stack([src_lengths, rng.integers(1, 20, size=400)], axis=1)
+    for shuffle in (True, False):
+        batches = list(BucketBatchSampler(lengths, 100, ties=ties, shuffle=shuffle, seed=2, pool_factor=4))
+        assert sorted(i for b in batches for i in b) == list(range(400))
+        for b in batches:
+            assert [tuple(ties[i]) for i in b] == sorted(tuple(ties[i]) for i in b)
+        assert sum(len(set(src_lengths[b])) for b in batches) <= 4 + 3  # at most one boundary per cut
+    untied = list(BucketBatchSampler(lengths, 100, seed=2, pool_factor=4))
+    assert sum(len(set(src_lengths[b])) for b in untied) == 16
+    # the length still comes first: ties never put a longer pair before a shorter one
+    lengths = rng.integers(1, 30, size=400)
+    for b in BucketBatchSampler(lengths, 50, ties=ties, shuffle=False):
+        assert (np.diff(lengths[b]) >= 0).all()
+
+
+def test_dataset_ties_are_source_then_target_lengths():
+    ds = ParallelDataset(TokenArray.from_lists([[1, 2], [3]]), TokenArray.from_lists([[4], [5, 6, 7]]))
+    assert ds.ties.tolist() == [[2, 1], [1, 3]] and ds.lengths.tolist() == [3, 4]
+
+
 def test_loader_resumes_mid_epoch():
     lengths = np.arange(1, 301) % 17 + 1
     pairs = [(np.ones(n, dtype=np.int32), np.ones(n, dtype=np.int32)) for n in lengths]
