@@ -301,9 +301,8 @@ class BucketBatchSampler(Sampler[list[int]]):
 
     def _sorted(self, idx: np.ndarray) -> np.ndarray:
         """idx ordered by length, then by the columns of `ties`; stable."""
-        if self.ties is None:
-            return idx[np.argsort(self.lengths[idx], kind="stable")]
-        keys = [self.ties[idx, k] for k in reversed(range(self.ties.shape[1]))]  # lexsort: last key first
+        columns = 0 if self.ties is None else self.ties.shape[1]
+        keys = [self.ties[idx, k] for k in reversed(range(columns))]  # lexsort: the last key sorts first
         return idx[np.lexsort(keys + [self.lengths[idx]])]
 
     def batches(self) -> list[np.ndarray]:
