@@ -12,6 +12,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .energy import all_scores
 from .tanh import tanh_
 
 ATTENTION_TYPES = ("bahdanau", "dot", "general")
@@ -87,8 +88,12 @@ class BahdanauAttention(Attention):
         return self.key_layer(values)  # (batch, src_len, attention_size)
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        q = self.query_layer(query).unsqueeze(2)                    # (batch, steps, 1, attention_size)
-        energy = tanh_(q + keys.unsqueeze(1))      # (batch, steps, src_len, attention_size); in place: one buffer
+        q = self.query_layer(query)                                 # (batch, steps, attention_size)
+        if torch.is_grad_enabled() and keys.device.type == "cpu":
+            # training: float32 energies a cache-sized tile at a time, recomputed in the backward pass
+            scores = all_scores(keys, q, self.energy_layer.weight.view(-1))  # (batch, steps, src_len)
+            return scores if torch.is_autocast_enabled("cpu") else scores.to(q.dtype)
+        energy = tanh_(q.unsqueeze(2) + keys.unsqueeze(1))  # (batch, steps, src_len, attention_size); one buffer
         return self.energy_layer(energy).squeeze(-1)                # (batch, steps, src_len)
 
     def masked_scores(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -16,9 +16,9 @@ combine layer) as one autograd node:
   as fused RNN kernels do; gradients of the encoder outputs likewise.
 
 Precision: under CPU/GPU autocast to bfloat16 (Lightning's `bf16-mixed`), the matrix
-products and the attention energies run in bfloat16 with the weights cast once per
-call, while the LSTM cell state, gate nonlinearities, softmax and every accumulated
-gradient stay in float32 (float32 master weights are the optimiser's). Otherwise
+products run in bfloat16 with the weights cast once per call, while the LSTM cell
+state, gate nonlinearities, Bahdanau's energies (`energy.py`), softmax and every
+accumulated gradient stay in float32 (float32 master weights are the optimiser's). Otherwise
 everything runs in the inputs' dtype. tests/test_bptt.py holds outputs and every
 gradient to those of the step-by-step decoder.
 """
@@ -29,13 +29,9 @@ from dataclasses import dataclass
 
 import torch
 
+from . import energy as bahdanau_energy
 from .dropout import dropout_mask
 from .matmul import addmm_t, mm_t, mm_tn, transposed
-from .tanh import add_tanh
-
-# The Bahdanau energies of every step are kept for the backward pass when they take at
-# most this much memory; beyond it (long sentences) each step's are recomputed.
-ENERGY_BUDGET_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -143,19 +139,19 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
         drop = [None] + [dropout_mask((steps, batch, sizes[i - 1]), spec.dropout, f32, dev)
                          for i in range(1, len(sizes))]                            # (steps, batch, h_below)
 
-    values_c, keys_c = values.to(cdt), keys.to(cdt)
+    values_c = values.to(cdt)
     masked = ~mask                                                                 # (batch, src_len)
     weights = torch.empty(steps, batch, values.size(1), dtype=f32, device=dev)     # attention per step
     combined = torch.empty(steps, batch, value_size + top, dtype=cdt, device=dev)  # [context; top] per step
     w_comb = w_combine.to(cdt)                                                     # (out, enc_out + top)
-    energies = None
     if spec.attention == "bahdanau":
+        # the energies run in float32 (energy.py): the keys widened once for all steps
+        keys_c = keys.to(f32).contiguous()                                         # (batch, src_len, att)
         w_query = att[0].to(cdt)                                                   # (att, top)
-        v = att[1].to(cdt).view(-1, 1)                                             # (att, 1)
+        v = att[1].to(f32).view(-1)                                                # (att,)
         queries = torch.empty(steps, batch, w_query.size(0), dtype=cdt, device=dev)
-        if any(ctx.needs_input_grad) and steps * keys_c.numel() * keys_c.element_size() <= ENERGY_BUDGET_BYTES:
-            energies = torch.empty((steps, *keys_c.shape), dtype=cdt, device=dev)  # (steps, batch, src_len, att)
     else:
+        keys_c = keys.to(cdt)
         queries = None
         keys_t = keys_c.transpose(1, 2)                                            # (batch, key_dim, src_len)
     vectors = torch.empty(steps, batch, out_size, dtype=f32, device=dev)
@@ -180,9 +176,7 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
         query = z[-1][t + 1, :, in_sizes[-1]:]                                     # (batch, top) in cdt
         if spec.attention == "bahdanau":
             q = mm_t(query, w_query, out=queries[t])                               # (batch, att)
-            energy = add_tanh(keys_c, q, out=None if energies is None else energies[t])
-            # energy: (batch, src_len, att)
-            scores = torch.mm(energy.view(-1, energy.size(2)), v).view(batch, -1)  # (batch, src_len)
+            scores = bahdanau_energy.scores(keys_c, q, v)                          # (batch, src_len)
         else:
             scores = torch.bmm(query.unsqueeze(1), keys_t).squeeze(1)              # (batch, src_len)
         scores = scores.to(f32).masked_fill_(masked, float("-inf"))
@@ -198,10 +192,7 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
     ctx.input_dtypes = (embedded.dtype, feed.dtype, values.dtype, keys.dtype)
     ctx.param_dtypes = [t.dtype for t in tensors]
     ctx.drop = drop
-    extra = (w_query, att[1].view(-1).to(f32)) if spec.attention == "bahdanau" else ()
-    ctx.stored_energies, ctx.backward_done = energies is not None, False
-    if energies is not None:
-        extra += (energies,)
+    extra = (w_query, v) if spec.attention == "bahdanau" else ()
     ctx.save_for_backward(emb_t, values_c, keys_c, weights, combined, vectors,
                           queries if queries is not None else weights, w_emb, w_comb,
                           *extra, *w_cat, *z, *cs, *acts, *tanh_c)
@@ -218,23 +209,15 @@ def _backward(ctx, d_vectors):
     emb_t, values_c, keys_c, weights, combined, vectors, queries, w_emb, w_comb = saved[:9]
     rest = saved[9:]
     bahdanau = spec.attention == "bahdanau"
-    energies = None
     if bahdanau:
         w_query, v = rest[:2]                                                      # v: (att,) float32
         rest = rest[2:]
-        if ctx.stored_energies:
-            energies, rest = rest[0], rest[1:]
     w_cat, z, cs, acts, tanh_c = (rest[k * n:(k + 1) * n] for k in range(5))
     cdt = spec.dtype
     f32 = torch.promote_types(cdt, torch.float32)
     dev = d_vectors.device
     top = sizes[-1]
 
-    if ctx.stored_energies:
-        if ctx.backward_done:
-            raise RuntimeError("TeacherForced's backward pass consumes its stored energies: it runs once "
-                               "(retain_graph=True cannot run it again)")
-        ctx.backward_done = True
     values_t = values_c.transpose(1, 2)                                            # (batch, enc_out, src_len)
     d_vec = d_vectors.transpose(0, 1).to(f32)                                      # (steps, batch, out)
     d_gates = [torch.empty(steps, batch, 4 * h, dtype=cdt, device=dev) for h in sizes]
@@ -242,10 +225,10 @@ def _backward(ctx, d_vectors):
     d_combined = torch.empty(steps, batch, value_size + top, dtype=cdt, device=dev)
     if bahdanau:
         d_queries = torch.empty(steps, batch, w_query.size(0), dtype=cdt, device=dev)
-        d_v = torch.zeros(1, v.size(0), dtype=f32, device=dev)
+        d_v = torch.zeros(v.size(0), dtype=f32, device=dev)
         # d energy[b,s,:] = ds[b,s] v (1 - energy[b,s,:]^2): the key gradient summed over steps is
         # v * (sum_t ds_t - sum_t ds_t energy_t^2), so two accumulators stand in for a
-        # (batch, src_len, att) gradient per step, and a query's gradient is one bmm
+        # (batch, src_len, att) gradient per step (energy.backward)
         ds_sum = torch.zeros(keys_c.shape[:2], dtype=f32, device=dev)             # (batch, src_len)
         ds_energy_sq = torch.zeros(keys_c.shape, dtype=f32, device=dev)           # (batch, src_len, att)
     else:
@@ -268,16 +251,8 @@ def _backward(ctx, d_vectors):
         d_alpha = torch.bmm(d_context.unsqueeze(1), values_t).squeeze(1).to(f32)   # (batch, src_len)
         d_scores = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))      # (batch, src_len)
         if bahdanau:
-            ds = d_scores.to(cdt)
-            if energies is not None:
-                energy = energies[t]                                               # (batch, src_len, att)
-            else:
-                energy = add_tanh(keys_c, queries[t])
-            d_v.add_(torch.mm(ds.view(1, -1), energy.view(-1, energy.size(2))))
-            sq = energy.mul_(energy)          # in place: this step's energies are not read again
-            sq_weighted = torch.bmm(ds.unsqueeze(1), sq).squeeze(1).to(f32)       # (batch, att)
-            ds_energy_sq.add_(sq.mul_(ds.unsqueeze(2)))                             # (batch, src_len, att)
-            ds_sum.add_(d_scores)
+            sq_weighted = bahdanau_energy.backward(keys_c, queries[t], v, d_scores, d_v, ds_energy_sq)
+            ds_sum.add_(d_scores)                                                  # sq_weighted: (batch, att)
             d_q = (d_scores.sum(1, keepdim=True) - sq_weighted).mul_(v)            # (batch, att)
             d_queries[t] = d_q
             d_top.add_(mm_t(d_queries[t], w_query_t))
@@ -328,7 +303,7 @@ def _backward(ctx, d_vectors):
     if bahdanau:
         d_wq = mm_tn(flat(d_queries), flat(combined[:, :, value_size:]))           # (att, top)
         d_keys = ds_energy_sq.neg_().add_(ds_sum.unsqueeze(2)).mul_(v)             # (batch, src_len, att)
-        att_grads = [d_wq, d_v]
+        att_grads = [d_wq, d_v.view(1, -1)]
     else:
         d_keys = torch.bmm(d_scores_all.permute(1, 2, 0), tops)                    # (batch, src_len, key_dim)
     d_wcomb = mm_tn(flat(d_comb_pre), flat(combined))                              # (out, enc_out + top)

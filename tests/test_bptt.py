@@ -39,11 +39,10 @@ def _run(model: Seq2Seq, how: str, src, src_len, tgt):
                                                if p.grad is not None}
 
 
-@pytest.mark.parametrize("keep_energies", [True, False])
+@pytest.mark.parametrize("block", [1 << 18, 3 * 6 * 7, 1])  # Bahdanau's energies: one block, 3 + 1 sentences, 1 each
 @pytest.mark.parametrize("attention,sizes", CASES)
-def test_written_out_backward_equals_autograd_through_the_step_loop(attention, sizes, keep_energies, monkeypatch):
-    if not keep_energies:  # long sentences: Bahdanau's energies are recomputed in the backward pass
-        monkeypatch.setattr("seq2seq.bptt.ENERGY_BUDGET_BYTES", 0)
+def test_written_out_backward_equals_autograd_through_the_step_loop(attention, sizes, block, monkeypatch):
+    monkeypatch.setattr("seq2seq.energy.BLOCK", block)
     model = _model(attention, sizes)
     batch = _batch()
     fused = _run(model, "forward", *batch)
