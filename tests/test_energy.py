@@ -50,3 +50,18 @@ def test_one_step_scores_and_gradient_pieces_match_all_scores():
     torch.testing.assert_close(d_v, (ds.unsqueeze(2) * e).sum((0, 1)))
     torch.testing.assert_close(acc, ds.unsqueeze(2) * e * e)
     torch.testing.assert_close(sq_weighted, (ds.unsqueeze(2) * e * e).sum(1))
+
+
+def test_the_attention_scores_the_same_in_training_and_in_decoding():
+    from seq2seq.attention import BahdanauAttention
+
+    torch.manual_seed(0)
+    attention = BahdanauAttention(query_size=5, value_size=4, attention_size=6).double()
+    values = torch.randn(3, 7, 4, dtype=torch.float64)
+    query = torch.randn(3, 2, 5, dtype=torch.float64)
+    keys = attention.project_keys(values)
+    trained = attention.score(query, keys)                       # grad enabled: the tiles of energy.py
+    with torch.no_grad():
+        decoded = attention.score(query, keys)                   # the decoding path
+    assert trained.requires_grad
+    torch.testing.assert_close(trained, decoded)
