@@ -156,12 +156,12 @@ BAD_REQUESTS = [
 
 
 @pytest.mark.parametrize("request_args, status, expected", BAD_REQUESTS)
-def test_a_bad_request_is_a_4xx_json_answer_and_the_service_goes_on(client, request_args, status, expected):
+def test_a_bad_request_is_a_4xx_json_answer_and_the_service_goes_on(client, sentences, request_args, status, expected):
     r = client.post("/translate", **request_args)
     assert r.status_code == status, r.text
     body = r.json()
     assert body.items() >= expected.items(), body
-    after = client.post("/translate", json={"text": ["kime"]})
+    after = client.post("/translate", json={"text": sentences[:1]})  # a sentence of the toy task itself
     assert after.status_code == 200 and after.json()["translations"][0]
 
 
