@@ -2,9 +2,9 @@
 
 PyTorch's CPU tanh on bfloat16 runs at a sixth of its float32 speed (torch 2.13, 2 threads:
 0.85 ms for the (128, 17, 512) Bahdanau energies of one decoder step against 0.15 ms in
-float32), and the energies are the largest elementwise work of a training step. Each block
-is widened to float32, tanh'd and rounded back while it is in cache: 0.36 ms for that
-tensor. The values are those of `x.float().tanh_().bfloat16()` (one rounding, as the native
+float32), and the energies are the largest elementwise work of a decoding step (training
+computes them in energy.py). Each block is widened to float32, tanh'd and rounded back while
+it is in cache: 0.36 ms for that tensor. The values are those of `x.float().tanh_().bfloat16()` (one rounding, as the native
 kernel); other dtypes and devices take `x.tanh_()`.
 """
 
@@ -47,22 +47,3 @@ class _Tanh(torch.autograd.Function):
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
         return torch.ops.aten.tanh_backward(grad, y)
-
-
-def add_tanh(keys: torch.Tensor, q: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """tanh(keys + q.unsqueeze(1)): Bahdanau's energies, keys (batch, src_len, att), q (batch, att).
-
-    For bfloat16 CPU tensors the sum and the tanh are one float32 pass over cache-sized blocks
-    of sentences, with one rounding at the end; `out` (contiguous, keys' shape) is written if given.
-    """
-    if keys.dtype != torch.bfloat16 or keys.device.type != "cpu" or not keys.is_contiguous():
-        return tanh_(torch.add(keys, q.unsqueeze(1), out=out))
-    out = torch.empty_like(keys) if out is None else out
-    rows = max(1, BLOCK // max(1, keys[0].numel()))
-    q32 = q.float().unsqueeze(1)                                           # (batch, 1, att)
-    buf = torch.empty((min(rows, keys.size(0)), *keys.shape[1:]), dtype=torch.float32)
-    for start in range(0, keys.size(0), rows):
-        k = keys[start:start + rows]
-        b = buf[:k.size(0)].copy_(k).add_(q32[start:start + rows]).tanh_()  # (rows, src_len, att)
-        out[start:start + rows].copy_(b)
-    return out

@@ -45,14 +45,3 @@ def test_the_gradient_is_torchs_tanh_gradient():
     assert torch.equal(out, x.float().tanh().bfloat16())
     out.backward(grad)
     torch.testing.assert_close(b.grad, a.grad, atol=1e-2, rtol=1e-2)
-
-
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_add_tanh_is_the_energies_sum_and_tanh_rounded_once(dtype):
-    keys = torch.randn(9, 7, 5).to(dtype)                       # 35 elements a sentence: 2 a block
-    q = torch.randn(9, 5).to(dtype)
-    expected = torch.tanh(keys.float() + q.float().unsqueeze(1)).to(dtype)
-    assert torch.equal(tanh.add_tanh(keys, q), expected)
-    out = torch.empty_like(keys)
-    assert tanh.add_tanh(keys, q, out=out) is out
-    assert torch.equal(out, expected)
