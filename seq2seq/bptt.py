@@ -253,7 +253,7 @@ def _backward(ctx, d_vectors):
         if bahdanau:
             sq_weighted = bahdanau_energy.backward(keys_c, queries[t], v, d_scores, d_v, ds_energy_sq)
             ds_sum.add_(d_scores)                                                  # sq_weighted: (batch, att)
-            d_q = (d_scores.sum(1, keepdim=True) - sq_weighted).mul_(v)            # (batch, att)
+            d_q = bahdanau_energy.gradient(d_scores.sum(1), sq_weighted, v)        # (batch, att)
             d_queries[t] = d_q
             d_top.add_(mm_t(d_queries[t], w_query_t))
         else:
@@ -302,7 +302,7 @@ def _backward(ctx, d_vectors):
     att_grads = []
     if bahdanau:
         d_wq = mm_tn(flat(d_queries), flat(combined[:, :, value_size:]))           # (att, top)
-        d_keys = ds_energy_sq.neg_().add_(ds_sum.unsqueeze(2)).mul_(v)             # (batch, src_len, att)
+        d_keys = bahdanau_energy.gradient(ds_sum, ds_energy_sq, v)                # (batch, src_len, att)
         att_grads = [d_wq, d_v.view(1, -1)]
     else:
         d_keys = torch.bmm(d_scores_all.permute(1, 2, 0), tops)                    # (batch, src_len, key_dim)

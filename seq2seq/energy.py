@@ -92,6 +92,13 @@ def backward(keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor, d_scores: tor
     return ds_sq_q.squeeze(1)
 
 
+def gradient(ds_total: torch.Tensor, ds_sq: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The keys' or queries' gradient v * (ds_total - ds_sq) from what `backward`/`_accumulate` summed:
+    ds_total (..., n) the scores' gradient summed over the other axis (steps for keys, src_len for
+    queries), ds_sq (..., n, att) the matching sum of ds e^2, which is overwritten and returned."""
+    return ds_sq.neg_().add_(ds_total.unsqueeze(-1)).mul_(v)
+
+
 def all_scores(keys: torch.Tensor, q: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """tanh(keys.unsqueeze(1) + q.unsqueeze(2)) @ v for every step at once, with autograd.
 
@@ -125,7 +132,7 @@ class _AllSteps(torch.autograd.Function):
             d_v = torch.zeros_like(va)
             ds_sq_keys, ds_sq_q = torch.zeros_like(k), torch.empty_like(qa)
             _accumulate(k, qa, ds, d_v, ds_sq_keys, ds_sq_q)
-            d_keys = ds_sq_keys.neg_().add_(ds.sum(1).unsqueeze(2)).mul_(va)       # (batch, src_len, att)
-            d_q = ds_sq_q.neg_().add_(ds.sum(2).unsqueeze(2)).mul_(va)             # (batch, steps, att)
+            d_keys = gradient(ds.sum(1), ds_sq_keys, va)                           # (batch, src_len, att)
+            d_q = gradient(ds.sum(2), ds_sq_q, va)                                 # (batch, steps, att)
         keys_dt, q_dt, v_dt = ctx.dtypes
         return d_keys.to(keys_dt), d_q.to(q_dt), d_v.to(v_dt)
