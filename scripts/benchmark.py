@@ -396,7 +396,7 @@ def training_batches(args, src_tok, tgt_tok, opts: dict, count: int, batch_size:
     paths = data_paths(args)
     dataset = ParallelDataset.from_files(paths["train_src"], paths["train_tgt"], src_tok, tgt_tok,
                                          max_len=opts["max_len"])
-    sampler = BucketBatchSampler(dataset.lengths, batch_size, ties=dataset.ties, shuffle=True, seed=args.seed)
+    sampler = BucketBatchSampler(dataset.lengths, batch_size, shuffle=True, seed=args.seed)  # as training does
     batches, epoch = [], 0
     while len(batches) < count:
         sampler.set_epoch(epoch)
@@ -803,8 +803,7 @@ def scale_child(args) -> dict:
         return {"seconds": opened, "sentences_per_s": len(dataset) / opened if opened else None,
                 "cache_bytes": cache_bytes, "pairs_kept": len(dataset)}
     # scale-train: what a training run does with the cache, up to and past its first step
-    sampler = BucketBatchSampler(dataset.lengths, args.train_batch_size, ties=dataset.ties, shuffle=True,
-                                 seed=args.seed)
+    sampler = BucketBatchSampler(dataset.lengths, args.train_batch_size, shuffle=True, seed=args.seed)
     torch.manual_seed(args.seed)
     model = build_model(dict(info["model_config"])).train()
     optimizer = adam(model.parameters(), opts["lr"])

@@ -97,9 +97,12 @@ class TranslationDataModule(L.LightningDataModule):
         world, rank = 1, 0
         if self.trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
+        # Training pairs of equal length stay in random order: ordering them by source length
+        # (`ties`, as validation does) makes batches skewed in their target/source length ratio,
+        # and learning slower (docs/RESULTS.md, "Why the recipes are set as they are").
         self.train_sampler = BucketBatchSampler(
-            self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, ties=self.train_set.ties,
-            shuffle=True, seed=self.seed, num_replicas=world, rank=rank)
+            self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, shuffle=True,
+            seed=self.seed, num_replicas=world, rank=rank)
         self.valid_sampler = BucketBatchSampler(
             self.valid_set.lengths, self.valid_batch_size, ties=self.valid_set.ties, shuffle=False,
             num_replicas=world, rank=rank, drop_uneven=False)

@@ -206,3 +206,17 @@ def test_datamodule_samples_training_pairs_only_when_asked(tmp_path, subword_tok
     assert isinstance(plain.train_dataloader().dataset, ParallelDataset)
     assert isinstance(sampling.train_dataloader().dataset, SubwordSampling)
     assert isinstance(sampling.val_dataloader().dataset, ParallelDataset)   # validation: usual segmentation
+
+
+def test_training_batches_keep_equal_lengths_in_random_order_and_validation_orders_them(tmp_path, subword_tokenizer):
+    # ordering training pairs of equal length by source length slowed learning (RESULTS): only
+    # validation batches are ordered by `ties`
+    for split in ("train", "valid"):
+        (tmp_path / f"{split}.src").write_text("\n".join(SENTENCES[:12]) + "\n")
+        (tmp_path / f"{split}.tgt").write_text("\n".join(SENTENCES[:12]) + "\n")
+    paths = [tmp_path / name for name in ("train.src", "train.tgt", "valid.src", "valid.tgt")]
+    dm = TranslationDataModule(*paths, subword_tokenizer, subword_tokenizer, batch_size=4)
+    dm.setup("fit")
+    assert dm.train_sampler.ties is None
+    assert dm.valid_sampler.ties is not None
+    assert dm.valid_sampler.ties.tolist() == dm.valid_set.ties.tolist()
