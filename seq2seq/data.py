@@ -166,7 +166,7 @@ class ParallelDataset(Dataset):
 
         Grouping equal source lengths gives the CPU encoder fewer distinct lengths per batch
         (one LSTM kernel call per length and direction, encoder.py) and less source padding.
-        Validation batches use it; training batches do not (datamodule.py: it slowed learning).
+        Validation batches use it; training batches do not (datamodule.py).
         """
         return np.stack([self.src.lengths, self.tgt.lengths], axis=1)
 

@@ -98,8 +98,8 @@ class TranslationDataModule(L.LightningDataModule):
         if self.trainer is not None:
             world, rank = self.trainer.world_size, self.trainer.global_rank
         # Training pairs of equal length stay in random order: ordering them by source length
-        # (`ties`, as validation does) makes batches skewed in their target/source length ratio,
-        # and learning slower (docs/RESULTS.md, "Why the recipes are set as they are").
+        # (`ties`, as validation does) skews batches' target/source length ratios, and the one
+        # full recipe trained so learned slower (docs/RESULTS.md, "Why the recipes are set as they are").
         self.train_sampler = BucketBatchSampler(
             self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, shuffle=True,
             seed=self.seed, num_replicas=world, rank=rank)

@@ -209,8 +209,8 @@ def test_datamodule_samples_training_pairs_only_when_asked(tmp_path, subword_tok
 
 
 def test_training_batches_keep_equal_lengths_in_random_order_and_validation_orders_them(tmp_path, subword_tokenizer):
-    # ordering training pairs of equal length by source length slowed learning (RESULTS): only
-    # validation batches are ordered by `ties`
+    # a full recipe trained with pairs of equal length ordered by source length learned slower
+    # (RESULTS): only validation batches are ordered by `ties`
     for split in ("train", "valid"):
         (tmp_path / f"{split}.src").write_text("\n".join(SENTENCES[:12]) + "\n")
         (tmp_path / f"{split}.tgt").write_text("\n".join(SENTENCES[:12]) + "\n")
