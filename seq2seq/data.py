@@ -203,10 +203,6 @@ class SubwordSampling(Dataset):
     def lengths(self) -> np.ndarray:
         return self.base.lengths
 
-    @property
-    def ties(self) -> np.ndarray:
-        return self.base.ties
-
     def _sample(self, tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
         if len(ids) == 0 or (ids == UNK_ID).any():
             return ids
