@@ -194,11 +194,16 @@ def test_subword_sampling_keeps_unknown_pieces_and_respects_max_len(subword_toke
         SubwordSampling(base, tok, tok, 0.1, nbest=0)
 
 
-def test_datamodule_samples_training_pairs_only_when_asked(tmp_path, subword_tokenizer):
+def _split_files(tmp_path) -> list:
+    """train.src/.tgt and valid.src/.tgt of 12 sentences each: a datamodule's four paths."""
     for split in ("train", "valid"):
         (tmp_path / f"{split}.src").write_text("\n".join(SENTENCES[:12]) + "\n")
         (tmp_path / f"{split}.tgt").write_text("\n".join(SENTENCES[:12]) + "\n")
-    paths = [tmp_path / name for name in ("train.src", "train.tgt", "valid.src", "valid.tgt")]
+    return [tmp_path / name for name in ("train.src", "train.tgt", "valid.src", "valid.tgt")]
+
+
+def test_datamodule_samples_training_pairs_only_when_asked(tmp_path, subword_tokenizer):
+    paths = _split_files(tmp_path)
     plain = TranslationDataModule(*paths, subword_tokenizer, subword_tokenizer, batch_size=4)
     sampling = TranslationDataModule(*paths, subword_tokenizer, subword_tokenizer, batch_size=4, subword_alpha=0.3)
     for dm in (plain, sampling):
@@ -211,11 +216,7 @@ def test_datamodule_samples_training_pairs_only_when_asked(tmp_path, subword_tok
 def test_training_batches_keep_equal_lengths_in_random_order_and_validation_orders_them(tmp_path, subword_tokenizer):
     # a full recipe trained with pairs of equal length ordered by source length learned slower
     # (RESULTS): only validation batches are ordered by `ties`
-    for split in ("train", "valid"):
-        (tmp_path / f"{split}.src").write_text("\n".join(SENTENCES[:12]) + "\n")
-        (tmp_path / f"{split}.tgt").write_text("\n".join(SENTENCES[:12]) + "\n")
-    paths = [tmp_path / name for name in ("train.src", "train.tgt", "valid.src", "valid.tgt")]
-    dm = TranslationDataModule(*paths, subword_tokenizer, subword_tokenizer, batch_size=4)
+    dm = TranslationDataModule(*_split_files(tmp_path), subword_tokenizer, subword_tokenizer, batch_size=4)
     dm.setup("fit")
     assert dm.train_sampler.ties is None
     assert dm.valid_sampler.ties is not None
