@@ -4,8 +4,9 @@ PyTorch's CPU tanh on bfloat16 runs at a sixth of its float32 speed (torch 2.13,
 0.85 ms for the (128, 17, 512) Bahdanau energies of one decoder step against 0.15 ms in
 float32), and the energies are the largest elementwise work of a decoding step (training
 computes them in energy.py). Each block is widened to float32, tanh'd and rounded back while
-it is in cache: 0.36 ms for that tensor. The values are those of `x.float().tanh_().bfloat16()` (one rounding, as the native
-kernel); other dtypes and devices take `x.tanh_()`.
+it is in cache: 0.36 ms for that tensor. The values are those of
+`x.float().tanh_().bfloat16()` (one rounding, as the native kernel); other dtypes and
+devices take `x.tanh_()`.
 """
 
 from __future__ import annotations
