@@ -33,8 +33,10 @@ if [[ "$schedule" == quick && "$seed_given" == 1 ]]; then echo "--seed applies t
 direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
 run_dir_given=""
+member_overrides=()  # under --full, each member trains in a directory of its own inside the run directory
 for arg in "$@"; do  # the Hydra overrides: a run directory of the user's wins, here too
-    if [[ "$arg" == hydra.run.dir=* ]]; then run_dir_given="${arg#hydra.run.dir=}"; fi
+    if [[ "$arg" == hydra.run.dir=* ]]; then run_dir_given="${arg#hydra.run.dir=}"; continue; fi
+    member_overrides+=("$arg")
     if [[ "$schedule" == full && "$arg" == seed=* ]]; then  # it would train the same model twice
         echo "'$arg' would give every member the same seed: use --seed N (members get N, N+1, ...)" >&2; exit 2
     fi
@@ -78,7 +80,7 @@ else
         checkpoints+=(-c "${run_dir}/member${member}/model.pt")
         echo ">>> training member ${member} of ${members} (seed ${seed}) on ${threads} thread(s): ${run_dir}/member${member}/train.log" >&2
         OMP_NUM_THREADS=$threads seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}/member${member}" \
-            "seed=${seed}" tokenizer.seed=1 data.test=null 'evaluate.alphas=[0.0]' "$@" \
+            "seed=${seed}" tokenizer.seed=1 data.test=null 'evaluate.alphas=[0.0]' ${member_overrides[@]+"${member_overrides[@]}"} \
             > "${run_dir}/member${member}.out" 2>&1 &
         pids+=("$!")
     done

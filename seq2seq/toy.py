@@ -5,7 +5,7 @@ sentence reversed, each word replaced by its fixed target-language counterpart. 
 it right needs a vocabulary mapping and long-range reordering, which an attention
 model learns in a minute on a CPU and a model without attention does not.
 
-    seq2seq-prepare toy --out data/toy    # data/toy/{train,valid,test}.{src,tgt}
+    seq2seq-train experiment=toy    # generates data/toy/{train,valid,test}.{src,tgt} on first use
 """
 
 from __future__ import annotations

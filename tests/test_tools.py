@@ -319,6 +319,32 @@ def test_the_main_script_refuses_bad_options_before_installing_anything(args, me
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["multi30k.sh", "scripts"]
 
 
+def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(tmp_path):
+    """`--full ... hydra.run.dir=X`: the members train in X/member1, X/member2 (were the user's
+    override passed on after theirs, Hydra's last value would win and both would share X)."""
+    tree = tmp_path / "tree"
+    for d in ("scripts", ".venv/bin", "fake", "data/multi30k"):
+        (tree / d).mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "multi30k.sh", tree / "scripts" / "multi30k.sh")
+    (tree / "scripts" / "setup.sh").write_text("true\n")
+    (tree / "data" / "multi30k" / "prepare.json").write_text("{}\n")
+    # a stand-in seq2seq-train that records its arguments, one line a call, and fails
+    fake = tree / "fake" / "seq2seq-train"
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "{tmp_path}/calls"\nexit 3\n')
+    fake.chmod(0o755)
+    (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{tree / "fake"}:$PATH"\n')
+    proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "en_de",
+                           "hydra.run.dir=runs/mine", "trainer.max_epochs=2"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "training failed: see runs/mine/member*.out" in proc.stderr, proc.stderr
+    calls = sorted((tmp_path / "calls").read_text().splitlines())
+    assert len(calls) == 2
+    for member, call in enumerate(calls, 1):
+        args = call.split()
+        assert [a for a in args if a.startswith("hydra.run.dir=")] == [f"hydra.run.dir=runs/mine/member{member}"]
+        assert f"seed={member}" in args and "trainer.max_epochs=2" in args
+
+
 def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_path):
     """`scripts/multi30k.sh --full --seed 3 de_en` end to end on a synthetic Multi30k, with a tiny
     model: two members with seeds 3 and 4 side by side, one ensemble file with its length penalty,
