@@ -27,6 +27,9 @@ class ResumableDataLoader(DataLoader):
         self._consumed = 0
 
     def __iter__(self):
+        # the epoch's batches first: drawing them may change the dataset (subword sampling),
+        # and worker processes started below must see it
+        self.batch_sampler.batches()
         self._consumed = self.batch_sampler.resume_offset
         for batch in super().__iter__():
             self._consumed += 1
@@ -67,6 +70,7 @@ class TranslationDataModule(L.LightningDataModule):
         self.cache_dir = cache_dir  # training pairs tokenized once into a memory-mapped cache there
         self.subword_alpha, self.subword_nbest = subword_alpha, subword_nbest  # > 0: sampled segmentations
         self.train_set: ParallelDataset | None = None
+        self.train_data: ParallelDataset | SubwordSampling | None = None   # what training batches read
         self.valid_set: ParallelDataset | None = None
         self.train_sampler: BucketBatchSampler | None = None
 
@@ -100,20 +104,24 @@ class TranslationDataModule(L.LightningDataModule):
         # Training pairs of equal length stay in random order: ordering them by source length
         # (`ties`, as validation does) skews batches' target/source length ratios, and the one
         # full recipe trained so learned slower (docs/RESULTS.md, "Why the recipes are set as they are").
+        self.train_data = self.train_set
+        if self.subword_alpha > 0:  # segmented anew each epoch, bucketed by the lengths drawn
+            self.train_data = SubwordSampling(self.train_set, self.src_tokenizer, self.tgt_tokenizer,
+                                              self.subword_alpha, nbest=self.subword_nbest,
+                                              max_len=self.max_len, seed=self.seed)
         self.train_sampler = BucketBatchSampler(
             self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, shuffle=True,
-            seed=self.seed, num_replicas=world, rank=rank)
+            seed=self.seed, num_replicas=world, rank=rank,
+            draw=self.train_data.draw if self.subword_alpha > 0 else None)
         self.valid_sampler = BucketBatchSampler(
             self.valid_set.lengths, self.valid_batch_size, ties=self.valid_set.ties, shuffle=False,
             num_replicas=world, rank=rank, drop_uneven=False)
 
     def train_dataloader(self) -> DataLoader:
-        dataset = self.train_set
-        if self.subword_alpha > 0:
-            dataset = SubwordSampling(dataset, self.src_tokenizer, self.tgt_tokenizer, self.subword_alpha,
-                                      nbest=self.subword_nbest, max_len=self.max_len, seed=self.seed)
-        return ResumableDataLoader(dataset, batch_sampler=self.train_sampler, collate_fn=collate,
-                                   num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+        # workers kept between epochs would keep the first epoch's segmentations
+        persistent = self.num_workers > 0 and self.subword_alpha == 0
+        return ResumableDataLoader(self.train_data, batch_sampler=self.train_sampler, collate_fn=collate,
+                                   num_workers=self.num_workers, persistent_workers=persistent)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.valid_set, batch_sampler=self.valid_sampler, collate_fn=collate)

@@ -178,6 +178,59 @@ def test_subword_sampling_draws_other_segmentations_of_the_same_text(subword_tok
     assert first == again
 
 
+def test_subword_sampling_draws_an_epoch_at_once_and_serves_what_it_drew(subword_tokenizer):
+    tok = subword_tokenizer
+    ids = TokenArray.from_lists(tok.encode(SENTENCES[:8]))
+    base = ParallelDataset(ids, ids)
+    sampled = SubwordSampling(base, tok, tok, 0.5, seed=5)
+    draws = []
+    for _ in range(4):
+        lengths = sampled.draw()
+        items = [sampled[i] for i in range(8)]
+        assert [j for j, _, _ in items] == list(range(8))
+        assert [tok.decode([s.tolist()])[0] for _, s, _ in items] == SENTENCES[:8]   # the same text
+        # what the batches are bucketed by is what the items are
+        assert lengths.tolist() == [max(len(s), len(t)) + 1 for _, s, t in items] == sampled.lengths.tolist()
+        assert all(np.array_equal(sampled[i][1], items[i][1]) for i in range(8))    # stable within the epoch
+        draws.append([s.tolist() for _, s, _ in items])
+    assert any(d != draws[0] for d in draws[1:])                                     # anew each epoch
+
+
+def test_batch_sampler_buckets_each_epoch_by_the_lengths_drawn_for_it():
+    calls = []
+
+    def draw():
+        calls.append(1)
+        return rng.integers(1, 40, size=64)
+
+    rng = np.random.default_rng(0)
+    sampler = BucketBatchSampler(np.full(64, 5), 8, shuffle=True, seed=1, pool_factor=8, draw=draw)
+    for epoch in range(3):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert list(sampler) == batches and len(calls) == epoch + 1   # one draw an epoch
+        drawn = sampler.lengths
+        # one pool of 64: consecutive batches in length order, so no two batches overlap in length
+        spans = sorted((drawn[b].min(), drawn[b].max()) for b in batches)
+        assert all(hi <= lo_next for (_, hi), (lo_next, _) in zip(spans, spans[1:]))
+
+
+def test_datamodule_pads_sampled_batches_to_what_they_hold(tmp_path, subword_tokenizer):
+    dm = TranslationDataModule(*_split_files(tmp_path), subword_tokenizer, subword_tokenizer, batch_size=3,
+                               subword_alpha=0.5, max_len=100)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    for epoch in range(2):
+        dm.train_sampler.set_epoch(epoch)
+        seen = []
+        for batch in loader:
+            drawn = dm.train_data.lengths[batch.index.numpy()]
+            # a batch is as wide as its longest pair: bucketed by these very segmentations
+            assert max(batch.src.size(1), batch.tgt_in.size(1)) == drawn.max()
+            seen += batch.index.tolist()
+        assert sorted(seen) == list(range(12))
+
+
 def test_subword_sampling_keeps_unknown_pieces_and_respects_max_len(subword_tokenizer):
     tok = subword_tokenizer
     usual = tok.encode([SENTENCES[0]])[0]
