@@ -179,14 +179,16 @@ class SubwordSampling(Dataset):
     sampling (`Tokenizer.encode_sampled`), so the model sees the same sentence split into
     different subwords from epoch to epoch. The batch sampler calls it before it makes an
     epoch's batches and buckets them by the lengths drawn: bucketed by the usual lengths,
-    the samples' own lengths spread within a batch (Multi30k En→De, batch 64: padding 21% of
-    the real target tokens instead of 9%, 25% of the source tokens instead of 14%). One epoch's samples are
-    held in memory, about as large as the corpus's ids. A side keeps its usual ids when they
-    contain an unknown piece (its text would not come back from decoding) or when the sample
-    is longer than `max_len`. Before the first draw, items are sampled as they are read.
+    the samples' own lengths spread within a batch (Multi30k En→De, batch 64: padding 21%
+    of the real target tokens instead of 9%, 25% of the source tokens instead of 14%). One
+    epoch's samples are held in memory, about as large as the corpus's ids. A side keeps
+    its usual ids when they contain an unknown piece (its text would not come back from
+    decoding) or when the sample is longer than `max_len`. Before the first draw, items
+    are sampled as they are read.
 
-    The draws come from SentencePiece's generator, seeded here: a fresh run is reproducible;
-    a run resumed mid-epoch draws that epoch anew, so its remaining batches hold other pairs.
+    The draws come from SentencePiece's generator, seeded here: a fresh run is reproducible
+    and every DDP rank draws the same segmentations (so their batches stay disjoint); a run
+    resumed mid-epoch draws that epoch anew, so its remaining batches hold other pairs.
     """
 
     def __init__(self, base: Dataset, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer, alpha: float, *,
