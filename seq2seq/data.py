@@ -42,11 +42,15 @@ class TokenArray:
 
     @classmethod
     def from_lists(cls, seqs: Sequence[Sequence[int]]) -> TokenArray:
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
+        offsets = _offsets(seqs)
         data = np.fromiter((t for s in seqs for t in s), dtype=np.int32, count=int(offsets[-1]))
         return cls(data, offsets)
+
+    @classmethod
+    def from_arrays(cls, seqs: Sequence[np.ndarray]) -> TokenArray:
+        """`from_lists` for id arrays: one concatenation, no Python loop over the ids."""
+        data = np.concatenate(seqs).astype(np.int32, copy=False) if seqs else np.zeros(0, np.int32)
+        return cls(data, _offsets(seqs))
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
@@ -69,6 +73,13 @@ class TokenArray:
     def select(self, keep: np.ndarray) -> TokenArray:
         """Only the sequences at indices `keep` (sorted), as a new compact array."""
         return TokenArray.from_lists([self[int(i)] for i in keep])
+
+
+def _offsets(seqs: Sequence) -> np.ndarray:
+    """(n + 1,) int64 start of each sequence in the flat array, then the total."""
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum(np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs)), out=offsets[1:])
+    return offsets
 
 
 def _file_ref(arr: np.ndarray):
@@ -216,7 +227,7 @@ class SubwordSampling(Dataset):
             _, s, t = self.base[i]
             src.append(self._sample(self.src_tokenizer, s))
             tgt.append(self._sample(self.tgt_tokenizer, t))
-        self.drawn = ParallelDataset(_token_array(src), _token_array(tgt))
+        self.drawn = ParallelDataset(TokenArray.from_arrays(src), TokenArray.from_arrays(tgt))
         return self.drawn.lengths
 
     def _sample(self, tokenizer: Tokenizer, ids: np.ndarray) -> np.ndarray:
@@ -232,14 +243,6 @@ class SubwordSampling(Dataset):
             return self.drawn[i]
         j, src, tgt = self.base[i]
         return j, self._sample(self.src_tokenizer, src), self._sample(self.tgt_tokenizer, tgt)
-
-
-def _token_array(seqs: Sequence[np.ndarray]) -> TokenArray:
-    """int32 id arrays into one TokenArray (one copy, no Python list of ints)."""
-    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-    np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    data = np.concatenate(seqs).astype(np.int32, copy=False) if seqs else np.zeros(0, np.int32)
-    return TokenArray(data, offsets)
 
 
 def collate(items: Sequence[tuple[int, np.ndarray, np.ndarray]]) -> Batch:

@@ -104,15 +104,15 @@ class TranslationDataModule(L.LightningDataModule):
         # Training pairs of equal length stay in random order: ordering them by source length
         # (`ties`, as validation does) skews batches' target/source length ratios, and the one
         # full recipe trained so learned slower (docs/RESULTS.md, "Why the recipes are set as they are").
-        self.train_data = self.train_set
+        self.train_data, draw = self.train_set, None
         if self.subword_alpha > 0:  # segmented anew each epoch, bucketed by the lengths drawn
             self.train_data = SubwordSampling(self.train_set, self.src_tokenizer, self.tgt_tokenizer,
                                               self.subword_alpha, nbest=self.subword_nbest,
                                               max_len=self.max_len, seed=self.seed)
+            draw = self.train_data.draw
         self.train_sampler = BucketBatchSampler(
             self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, shuffle=True,
-            seed=self.seed, num_replicas=world, rank=rank,
-            draw=self.train_data.draw if self.subword_alpha > 0 else None)
+            seed=self.seed, num_replicas=world, rank=rank, draw=draw)
         self.valid_sampler = BucketBatchSampler(
             self.valid_set.lengths, self.valid_batch_size, ties=self.valid_set.ties, shuffle=False,
             num_replicas=world, rank=rank, drop_uneven=False)
