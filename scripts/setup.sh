@@ -9,11 +9,18 @@ extras="${1:-}"
 python3 -m venv .venv
 . .venv/bin/activate
 python -m pip install --quiet --upgrade pip
-# pyproject asks for torch>=2.10; installing the CPU wheel first keeps pip from pulling a
-# multi-GB CUDA build. A machine with a local torch 2.13.0 CPU wheel gets it from there.
+# pyproject asks for torch>=2.10; installing PyTorch's CPU build first keeps pip from pulling
+# PyPI's multi-GB CUDA build. Where PyTorch's CPU index answers, it is offered beside PyPI
+# (its "+cpu" versions sort above PyPI's); a local CPU wheel (pip's find-links) also serves.
+# Want CUDA? Install torch into .venv yourself first: an importable torch is kept.
 if ! python -c "import torch" 2>/dev/null; then
-    python -m pip install --quiet "torch==2.13.0" 2>/dev/null \
-        || python -m pip install --quiet "torch>=2.10" --index-url https://download.pytorch.org/whl/cpu
+    cpu_index=https://download.pytorch.org/whl/cpu
+    offer_cpu=()
+    if python -c "import sys, urllib.request; urllib.request.urlopen(sys.argv[1] + '/torch/', timeout=10)" \
+        "$cpu_index" 2>/dev/null; then offer_cpu=(--extra-index-url "$cpu_index")
+    else echo "PyTorch's CPU index ($cpu_index) did not answer: torch from pip's other sources" >&2; fi
+    python -m pip install --quiet "torch==2.13.0" ${offer_cpu[@]+"${offer_cpu[@]}"} 2>/dev/null \
+        || python -m pip install --quiet "torch>=2.10" ${offer_cpu[@]+"${offer_cpu[@]}"}
 fi
 if [ -n "${extras}" ]; then
     python -m pip install --quiet -e ".[${extras}]"

@@ -466,7 +466,8 @@ def average_parser() -> argparse.ArgumentParser:
                    help="checkpoint files to average; with --last N, one run directory")
     p.add_argument("--output", "-o", required=True, help="the averaged model (written atomically)")
     p.add_argument("--last", type=int, metavar="N",
-                   help="average the N most recently written checkpoints in RUN_DIR/checkpoints")
+                   help="average the N newest epoch checkpoints in RUN_DIR/checkpoints/epochs "
+                        "(else the N newest in RUN_DIR/checkpoints)")
     p.add_argument("--quiet", "-q", action="store_true")
     return p
 
@@ -530,7 +531,8 @@ def tune_parser() -> argparse.ArgumentParser:
         description="Choose the beam search's length penalty (GNMT alpha) on a validation set and store "
                     "it in the checkpoint, where seq2seq-translate, -evaluate and -serve take it as their "
                     "default. Never tune on the test set you report.")
-    p.add_argument("--checkpoint", "-c", required=True, help="a model.pt or .ckpt written by seq2seq-train")
+    p.add_argument("--checkpoint", "-c", required=True,
+                   help="a model.pt or .ckpt written by seq2seq-train, or an ensemble by seq2seq-ensemble")
     p.add_argument("--source", "-s", required=True, help="validation sources, one per line")
     p.add_argument("--reference", "-r", required=True, help="their reference translations")
     p.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS),
@@ -589,7 +591,7 @@ def info_parser() -> argparse.ArgumentParser:
         prog="seq2seq-info",
         description="Print a checkpoint's model card: architecture, size, languages, data, tokenizer, "
                     "best validation BLEU with its signature, training time and versions.")
-    p.add_argument("checkpoint", help="a .ckpt or model.pt written by seq2seq-train or seq2seq-average")
+    p.add_argument("checkpoint", help="a .ckpt or model.pt written by seq2seq-train, -average or -ensemble")
     p.add_argument("--json", action="store_true", help="print the card as one JSON object")
     return p
 
