@@ -21,7 +21,7 @@ import hydra
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, WeightAveraging
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from omegaconf import DictConfig, OmegaConf
 
@@ -34,6 +34,7 @@ from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
 from .model import ModelConfig
 from .module import SCHEDULERS, TranslationModule
+from .moving_average import MovingAverage
 from .quantize import BF16_FLAGS, auto_precision, check_precision, cpu_has_bfloat16
 from .throughput import TokensPerSecond
 from .tokenizer import Tokenizer, train_tokenizer
@@ -113,8 +114,17 @@ def check_config(cfg: DictConfig) -> ModelConfig:
         raise InputError(f"train.subword_alpha={sampling} samples segmentations, which only tokenizer.model_type "
                          f"unigram or bpe have (it is {sp_type}); set train.subword_alpha=0")
     decay, ema_start = float(cfg.train.ema_decay), int(cfg.train.ema_start_step)
+    half_life = cfg.train.get("ema_half_life")
     if not 0 <= decay < 1:
         raise InputError(f"train.ema_decay must be in [0, 1) (0 = off, e.g. 0.999), got {decay}")
+    if half_life is not None:
+        if not 0 < float(half_life) <= 1:
+            raise InputError(f"train.ema_half_life must be in (0, 1] (a share of the training budget, "
+                             f"e.g. 0.13) or null, got {half_life}")
+        if decay > 0:
+            raise InputError(f"train.ema_decay={decay:g} and train.ema_half_life={half_life}: set one of them "
+                             f"(a fixed decay per step, or a half-life that follows the budget), the other "
+                             f"to 0 / null")
     if ema_start < 0:
         raise InputError(f"train.ema_start_step must be >= 0, got {ema_start}")
     if cfg.optim.scheduler not in SCHEDULERS:
@@ -228,15 +238,17 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Path | None:
             f"cannot resume: {last} was trained on {describe(trained_on)} and this run asks for "
             f"{describe(asked)}; use another hydra.run.dir (or name=...) or train.resume=false"
         )
-    was = float(saved.get("train", {}).get("ema_decay", 0.0) or 0.0)
-    now = float(cfg.train.ema_decay)
-    if (was > 0) != (now > 0):
-        # the checkpoint's state_dict is the average when `was` > 0: training on from it, or
+    was_train = OmegaConf.create(saved.get("train") or {})
+    if averages_weights(was_train) != averages_weights(cfg.train):
+        # the checkpoint's state_dict is the average when it kept one: training on from it, or
         # starting an average from raw weights mid-run, would silently change what is trained
+        def describe(train):
+            return (f"train.ema_decay={float(train.get('ema_decay') or 0.0):g}, "
+                    f"train.ema_half_life={train.get('ema_half_life')}")
         raise InputError(
-            f"cannot resume: {last} was trained with train.ema_decay={was:g} and this run asks for "
-            f"train.ema_decay={now:g}; switching the moving average on or off mid-run is not supported: "
-            f"keep train.ema_decay={was:g}, or start over in another hydra.run.dir (or train.resume=false)"
+            f"cannot resume: {last} was trained with {describe(was_train)} and this run asks for "
+            f"{describe(cfg.train)}; switching the moving average on or off mid-run is not supported: "
+            f"keep {describe(was_train)}, or start over in another hydra.run.dir (or train.resume=false)"
         )
     log.info("resuming from %s", last)
     return last
@@ -274,75 +286,23 @@ class LastCheckpoint(ModelCheckpoint):
                                 weights_only=False)
 
 
-def normalised_ema(decay: float):
-    """An exponential moving average whose weights are normalised over the steps averaged so far.
-
-    After n steps the average is sum_k decay^(n-k) w_k / sum_k decay^(n-k): each step weighs
-    decay times the next, whatever the budget, and the first step's weights hold no more than
-    any other's. (A plain EMA started from the first step keeps decay^n of it, a tenth after
-    4,600 steps at decay 0.9995: on a slow machine, near-random weights in every validation.)
-    This is the bias correction of Adam's moments: the n-th update mixes the new weights in
-    by (1 - decay) / (1 - decay^n) instead of (1 - decay).
-    """
-    @torch.no_grad()
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n_averaged: torch.Tensor) -> None:
-        n = int(n_averaged) + 1                       # steps in the average once this one is in
-        torch._foreach_lerp_(averaged, current, (1 - decay) / (1 - decay ** n))
-    return update
-
-
-class MovingAverage(WeightAveraging):
-    """An exponential moving average of the weights, updated after every optimizer step.
-
-    Lightning's WeightAveraging does the bookkeeping: validation on the average, the average
-    as each checkpoint's `state_dict` with the raw weights beside it, resuming both (the
-    count of averaged steps included). This adds the normalised average (`normalised_ema`)
-    as one fused foreach update per step and a first step.
-    """
-
-    def __init__(self, decay: float, start_step: int = 0) -> None:
-        super().__init__(multi_avg_fn=normalised_ema(decay))
-        self.decay = decay
-        self.start_step = start_step
-
-    def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        return step_idx is not None and step_idx >= self.start_step
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_train_start(trainer, pl_module)
-        self.warn_if_budget_too_short(trainer)
-
-    def warn_if_budget_too_short(self, trainer) -> float | None:
-        """Warn when, at the end of the step budget (max_steps or max_epochs), the first half of
-        the averaged steps still holds over a quarter of the average; returns that share (None:
-        no step budget known)."""
-        budgets = []
-        if trainer.max_steps is not None and trainer.max_steps > 0:
-            budgets.append(trainer.max_steps)
-        per_epoch = trainer.num_training_batches
-        if trainer.max_epochs is not None and trainer.max_epochs > 0 and per_epoch and per_epoch != float("inf"):
-            budgets.append(trainer.max_epochs * int(per_epoch) // max(trainer.accumulate_grad_batches, 1))
-        if not budgets:
-            return None
-        steps = max(min(budgets) - self.start_step, 1)
-        first_half = (self.decay ** (steps - steps // 2) - self.decay ** steps) / (1 - self.decay ** steps)
-        if first_half > 0.25:
-            log.warning("train.ema_decay=%g over a budget of %d optimizer steps: at the end the first half of "
-                        "training still holds %.0f%% of the average, which validation and model.pt will see; "
-                        "use a smaller decay (about %.4f for this budget), a later train.ema_start_step, or 0 "
-                        "(no average)", self.decay, steps, 100 * first_half, max(1 - 5 / steps, 0.0))
-        return first_half
-
-
 def weight_averaging(cfg: DictConfig) -> list[MovingAverage]:
-    """An exponential moving average of the weights (train.ema_decay > 0).
+    """An exponential moving average of the weights (train.ema_decay > 0 or train.ema_half_life).
 
     Validation scores the averaged weights, and every checkpoint stores them as its
     `state_dict` (the raw weights stay in `current_model_state` for resuming), so early
     stopping, the plateau schedule, model.pt and checkpoint averaging all see the average.
     """
-    decay = float(cfg.train.ema_decay)
-    return [MovingAverage(decay, int(cfg.train.ema_start_step))] if decay > 0 else []
+    if not averages_weights(cfg.train):
+        return []
+    half_life = cfg.train.get("ema_half_life")
+    return [MovingAverage(float(cfg.train.ema_decay), int(cfg.train.ema_start_step),
+                          None if half_life is None else float(half_life))]
+
+
+def averages_weights(train: DictConfig) -> bool:
+    """Whether a run keeps a moving average of its weights (train.ema_decay or train.ema_half_life)."""
+    return float(train.get("ema_decay") or 0.0) > 0 or train.get("ema_half_life") is not None
 
 
 def early_stopping(cfg: DictConfig) -> list[EarlyStopping]:

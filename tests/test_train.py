@@ -6,8 +6,11 @@ import csv
 import json
 from importlib import resources
 
+import numpy as np
 import pytest
 import torch
+
+from seq2seq.files import InputError
 
 from .conftest import run_cli
 
@@ -52,6 +55,7 @@ def test_run_directory_holds_everything(toy_run):
     ("train.subword_nbest=0", "train.subword_nbest must be -1 (all segmentations) or >= 1, got 0"),
     ("train.subword_alpha=0.1", "only tokenizer.model_type unigram or bpe have (it is word)"),
     ("train.ema_decay=1.0", "train.ema_decay must be in [0, 1) (0 = off, e.g. 0.999), got 1.0"),
+    ("train.ema_half_life=1.5", "train.ema_half_life must be in (0, 1] (a share of the training budget"),
     ("evaluate.precision=half", "evaluate.precision: Unknown precision 'half'; choose one of: auto, float32,"),
 ])
 def test_config_mistakes_fail_before_any_work(override, expected, tmp_path):
@@ -384,17 +388,19 @@ def test_epoch_checkpoints_are_averaged_and_validation_chooses_model_pt(tmp_path
     assert [p.name for p in latest_checkpoints(run, 2)] == ["epoch002.ckpt", "epoch003.ckpt"]
 
 
-def test_moving_average_of_the_weights_is_what_checkpoints_validate_and_export(tmp_path, toy_data, monkeypatch):
-    """train.ema_decay: every checkpoint's state_dict is the average, the raw weights ride along
-    for resuming, model.pt is the average, last.ckpt holds the final step, and a resumed run
-    continues the same average instead of starting a new one."""
+@pytest.mark.parametrize("average", ["train.ema_decay=0.9", "train.ema_half_life=0.2"])
+def test_moving_average_of_the_weights_is_what_checkpoints_validate_and_export(average, tmp_path, toy_data,
+                                                                               monkeypatch):
+    """train.ema_decay (or ema_half_life): every checkpoint's state_dict is the average, the raw
+    weights ride along for resuming, model.pt is the average, last.ckpt holds the final step, and
+    a resumed run continues the same average (its normaliser too) instead of starting a new one."""
     import seq2seq.train as train_module
     from seq2seq.checkpoint import read_checkpoint
 
     monkeypatch.chdir(tmp_path)
     run = tmp_path / "run"
     overrides = ["experiment=toy", f"data.dir={toy_data}", "model.embedding_size=16", "model.encoder_hidden_size=16",
-                 "model.decoder_hidden_sizes=[24]", "train.ema_decay=0.9", "evaluate.alpha=0",
+                 "model.decoder_hidden_sizes=[24]", average, "evaluate.alpha=0",
                  "train.checkpoint_every_n_steps=50", f"hydra.run.dir={run}"]
 
     def fit(*limits):
@@ -415,10 +421,19 @@ def test_moving_average_of_the_weights_is_what_checkpoints_validate_and_export(t
     assert exported.keys() == best["state_dict"].keys()
     assert all(torch.equal(exported[k], best["state_dict"][k]) for k in exported)
 
+    sums = [state["weight_sum"] for state in last["callbacks"].values() if "weight_sum" in state]
+    if average.startswith("train.ema_decay"):
+        assert sums == [pytest.approx((1 - 0.9 ** 70) / (1 - 0.9))]
+    else:                                      # steps weighted by decays below 1: fewer than 70 in effect
+        assert len(sums) == 1 and 5 < sums[0] < 70
+
     second = fit("trainer.max_epochs=2")       # resumes from last.ckpt and keeps averaging
     last = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False)
     assert first["steps"] == 70 < second["steps"]
     assert int(last["averaging_state"]["n_averaged"]) == last["global_step"] == second["steps"]
+    if average.startswith("train.ema_decay"):
+        assert [state["weight_sum"] for state in last["callbacks"].values() if "weight_sum" in state] == \
+            [pytest.approx((1 - 0.9 ** second["steps"]) / (1 - 0.9))]
 
 
 def test_csv_metrics_of_a_resumed_run_keep_the_rows_from_before(tmp_path):
@@ -446,10 +461,11 @@ def test_csv_metrics_of_a_resumed_run_keep_the_rows_from_before(tmp_path):
 def test_a_moving_average_longer_than_the_budget_is_warned_of(budget, warns, caplog):
     from types import SimpleNamespace
 
-    from seq2seq.train import MovingAverage
+    from seq2seq.moving_average import MovingAverage
     trainer = SimpleNamespace(accumulate_grad_batches=1, **budget)
-    with caplog.at_level("WARNING", logger="seq2seq.train"):
+    with caplog.at_level("WARNING", logger="seq2seq.moving_average"):
         first_half = MovingAverage(0.9995).warn_if_budget_too_short(trainer)
+        assert MovingAverage(half_life=0.13).warn_if_budget_too_short(trainer) is None   # it follows the budget
     if warns is None:
         assert first_half is None and not caplog.records
         return
@@ -458,29 +474,105 @@ def test_a_moving_average_longer_than_the_budget_is_warned_of(budget, warns, cap
         assert "train.ema_decay=0.9995" in caplog.text and "first half of training" in caplog.text
 
 
-@pytest.mark.parametrize("decay", [0.5, 0.9, 0.9995])
-def test_the_moving_average_weighs_the_steps_it_has_seen_and_nothing_else(decay):
-    """After n updates the average is sum_k decay^(n-k) w_k / sum_k decay^(n-k) over the steps'
-    weights w_1..w_n, through torch's AveragedModel as Lightning drives it: the first step's
-    weights hold no more than their share, however few steps there were."""
+def _average_of(decays, seed=0):
+    """Drive MovingAverage.mix through torch's AveragedModel (as Lightning does) over steps whose
+    decays are `decays[1:]` (the first step is copied); return the average and each step's weights."""
     from torch.optim.swa_utils import AveragedModel
 
-    from seq2seq.train import normalised_ema
+    from seq2seq.moving_average import MovingAverage
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = torch.nn.Linear(3, 2)
-    average = AveragedModel(model, multi_avg_fn=normalised_ema(decay))
+    ema = MovingAverage(0.5)
+    average = AveragedModel(model, multi_avg_fn=ema.mix)
     seen = []
-    for n in range(1, 8):
+    for n, decay in enumerate(decays, start=1):
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn_like(p) * n)
         seen.append([p.detach().clone().double() for p in model.parameters()])
+        ema.current_decay = decay
         average.update_parameters(model)
-        weights = [decay ** (n - k) for k in range(1, n + 1)]
-        for i, p in enumerate(average.module.parameters()):
-            expected = sum(w * s[i] for w, s in zip(weights, seen)) / sum(weights)
-            torch.testing.assert_close(p.double(), expected, rtol=1e-5, atol=1e-5)
+    return [p.double() for p in average.module.parameters()], seen, ema
+
+
+@pytest.mark.parametrize("decays", [[0.5] * 7, [0.9] * 7, [0.9995] * 7, [0.0, 0.2, 0.9, 0.5, 0.99, 0.7, 0.95]])
+def test_the_moving_average_weighs_the_steps_it_has_seen_and_nothing_else(decays):
+    """After n updates the average is sum_k c_k w_k / sum_k c_k over the steps' weights w_1..w_n,
+    c_k the product of the decays of the steps after k: the first step's weights hold no more
+    than their share, however few steps there were, and a decay that changes from step to step
+    (train.ema_half_life) weighs each step by the decays that came after it."""
+    got, seen, _ = _average_of(decays)
+    n = len(decays)
+    weights = [float(np.prod(decays[k + 1:])) for k in range(n)]
+    for i, p in enumerate(got):
+        expected = sum(w * s[i] for w, s in zip(weights, seen)) / sum(weights)
+        torch.testing.assert_close(p, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_moving_average_resumes_its_normaliser_and_rebuilds_a_missing_one():
+    """The normaliser is saved with the callback's state; a checkpoint from before it was saved
+    (a fixed decay) gets it back from the step count."""
+    from seq2seq.moving_average import MovingAverage
+
+    _, _, ema = _average_of([0.9] * 5)
+    state = ema.state_dict()
+    torch.testing.assert_close(state["weight_sum"], (1 - 0.9 ** 5) / (1 - 0.9))
+    resumed = MovingAverage(0.9)
+    resumed.load_state_dict(state)
+    assert resumed.weight_sum == state["weight_sum"]
+    older = MovingAverage(0.9)
+    older.load_state_dict({k: v for k, v in state.items() if k != "weight_sum"})
+    assert older.weight_sum == 0.0          # rebuilt at the next step from n_averaged
+    older.current_decay = 0.9
+    older.mix([torch.zeros(1)], [torch.ones(1)], torch.tensor(5))
+    torch.testing.assert_close(older.weight_sum, (1 - 0.9 ** 6) / (1 - 0.9))
+
+
+@pytest.mark.parametrize("budget", [
+    dict(max_steps=3000, max_epochs=-1, global_step=1200, current_epoch=0, batch_idx=1199),   # steps
+    dict(max_steps=-1, max_epochs=10, global_step=1200, current_epoch=4, batch_idx=99),       # epochs of 275
+])
+def test_a_half_life_as_a_share_of_the_budget_sets_the_decay_from_its_progress(budget):
+    """train.ema_half_life=f: the decay per step is 0.5 ** (1 / (f * the budget's steps)), the
+    budget's steps estimated from its progress (here known exactly: 3,000 and 2,750)."""
+    from types import SimpleNamespace
+
+    from seq2seq.moving_average import MovingAverage
+
+    batch_idx = budget.pop("batch_idx")
+    trainer = SimpleNamespace(num_training_batches=275, callbacks=[], **budget)
+    total = 3000 if budget["max_steps"] > 0 else 2750
+    decay = MovingAverage(half_life=0.13).step_decay(trainer, batch_idx)
+    assert decay == pytest.approx(0.5 ** (1 / (0.13 * total)), abs=1e-12)
+    assert MovingAverage(0.9995).step_decay(trainer, batch_idx) == 0.9995
+
+
+@pytest.mark.parametrize("steps", [1_000, 3_000, 10_000])
+def test_a_half_life_averages_the_same_share_of_any_budget(steps):
+    """What train.ema_half_life is for: at the end of a run of any length, the last 13% of its
+    steps hold half of the average (a fixed decay's half-life is a number of steps instead)."""
+    from types import SimpleNamespace
+
+    from seq2seq.moving_average import MovingAverage
+
+    ema = MovingAverage(half_life=0.13)
+    trainer = SimpleNamespace(max_steps=steps, max_epochs=-1, callbacks=[], global_step=steps)
+    decay = ema.step_decay(trainer, steps - 1)
+    last = round(0.13 * steps)
+    share = (1 - decay ** last) / (1 - decay ** steps)          # the last steps' weight over all of it
+    assert share == pytest.approx(0.5 / (1 - 0.5 ** (1 / 0.13)), abs=2e-3)
+
+
+def test_a_fixed_decay_and_a_half_life_together_are_refused():
+    from seq2seq.moving_average import MovingAverage
+    from seq2seq.train import check_config
+
+    cfg = _compose(["experiment=toy", "train.ema_decay=0.999", "train.ema_half_life=0.1"])
+    with pytest.raises(InputError, match=r"train.ema_decay=0.999 and train.ema_half_life=0.1: set one of them"):
+        check_config(cfg)
+    with pytest.raises(ValueError, match="give one of decay"):
+        MovingAverage()
 
 
 def test_resuming_with_the_moving_average_switched_on_or_off_is_refused(tmp_path, toy_data):
@@ -494,7 +586,8 @@ def test_resuming_with_the_moving_average_switched_on_or_off_is_refused(tmp_path
     ckpt = (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes()
     refused = run_cli([*common, "train.ema_decay=0", "trainer.max_steps=20"], cwd=tmp_path)
     assert refused.returncode != 0
-    assert "was trained with train.ema_decay=0.9 and this run asks for train.ema_decay=0" in refused.stderr.decode()
+    assert ("was trained with train.ema_decay=0.9, train.ema_half_life=None and this run asks for "
+            "train.ema_decay=0, train.ema_half_life=None") in refused.stderr.decode()
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == ckpt
     resumed = run_cli([*common, "train.ema_decay=0.99", "trainer.max_steps=20"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr.decode()[-2000:]
