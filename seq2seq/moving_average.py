@@ -56,7 +56,7 @@ class MovingAverage(WeightAveraging):
         n = int(n_averaged)                          # steps averaged before this one (>= 1)
         if n != self._mixed_at:                      # the first group of this step
             if self.weight_sum <= 0:                 # one step in (or an average saved without its sum)
-                d = self.decay
+                d = self.decay or self.current_decay  # an older run's fixed decay, or else today's
                 self.weight_sum = float(n) if d in (0.0, 1.0) else (1 - d ** n) / (1 - d)
             self.weight_sum = self.current_decay * self.weight_sum + 1.0
             self._mixed_at = n
@@ -86,6 +86,7 @@ class MovingAverage(WeightAveraging):
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
         self.weight_sum = float(state_dict.get("weight_sum", 0.0))   # absent: rebuilt from the step count
+        self._mixed_at = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         super().on_train_start(trainer, pl_module)

@@ -482,7 +482,7 @@ def _average_of(decays, seed=0):
     from seq2seq.moving_average import MovingAverage
 
     torch.manual_seed(seed)
-    model = torch.nn.Linear(3, 2)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1).double())   # two tensor groups
     ema = MovingAverage(0.5)
     average = AveragedModel(model, multi_avg_fn=ema.mix)
     seen = []
@@ -548,20 +548,61 @@ def test_a_half_life_as_a_share_of_the_budget_sets_the_decay_from_its_progress(b
     assert MovingAverage(0.9995).step_decay(trainer, batch_idx) == 0.9995
 
 
-@pytest.mark.parametrize("steps", [1_000, 3_000, 10_000])
-def test_a_half_life_averages_the_same_share_of_any_budget(steps):
-    """What train.ema_half_life is for: at the end of a run of any length, the last 13% of its
-    steps hold half of the average (a fixed decay's half-life is a number of steps instead)."""
-    from types import SimpleNamespace
+def test_a_moving_average_resumed_mid_run_goes_on_as_if_never_stopped():
+    """Saved after step 4 of 7 (the callback's state and the averaged model's) and loaded into new
+    objects, the average ends where an uninterrupted one does, with decays changing each step."""
+    from torch.optim.swa_utils import AveragedModel
 
     from seq2seq.moving_average import MovingAverage
 
+    decays = [0.0, 0.3, 0.9, 0.5, 0.99, 0.7, 0.95]
+    whole, seen, _ = _average_of(decays)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1).double())
+    ema = MovingAverage(0.5)
+    average = AveragedModel(model, multi_avg_fn=ema.mix)
+    for n, decay in enumerate(decays, start=1):
+        if n == 5:                                        # a new process resumes the saved state
+            saved, saved_average = ema.state_dict(), average.state_dict()
+            ema = MovingAverage(0.5)
+            ema.load_state_dict(saved)
+            average = AveragedModel(model, multi_avg_fn=ema.mix)
+            average.load_state_dict(saved_average)
+        with torch.no_grad():
+            for p, w in zip(model.parameters(), seen[n - 1]):
+                p.copy_(w)
+        ema.current_decay = decay
+        average.update_parameters(model)
+    for p, q in zip(average.module.parameters(), whole):
+        torch.testing.assert_close(p.double(), q)
+
+
+@pytest.mark.parametrize("steps", [300, 900])
+def test_a_half_life_averages_the_same_share_of_any_budget(steps):
+    """What train.ema_half_life is for: at the end of a run of any length, the last 13% of its
+    steps hold half of the average, whose weights are read off a run in which step k's weights
+    are the k-th unit vector (a fixed decay's half-life is a number of steps instead)."""
+    from types import SimpleNamespace
+
+    from torch.optim.swa_utils import AveragedModel
+
+    from seq2seq.moving_average import MovingAverage
+
+    weights = torch.nn.Parameter(torch.zeros(steps, dtype=torch.float64))
+    holder = torch.nn.Module()
+    holder.w = weights
     ema = MovingAverage(half_life=0.13)
-    trainer = SimpleNamespace(max_steps=steps, max_epochs=-1, callbacks=[], global_step=steps)
-    decay = ema.step_decay(trainer, steps - 1)
-    last = round(0.13 * steps)
-    share = (1 - decay ** last) / (1 - decay ** steps)          # the last steps' weight over all of it
+    average = AveragedModel(holder, multi_avg_fn=ema.mix)
+    for step in range(1, steps + 1):
+        with torch.no_grad():
+            weights.zero_()
+            weights[step - 1] = 1.0
+        trainer = SimpleNamespace(max_steps=steps, max_epochs=-1, callbacks=[], global_step=step)
+        ema.current_decay = ema.step_decay(trainer, step - 1)
+        average.update_parameters(holder)
+    share = average.module.w[-round(0.13 * steps):].sum().item()
     assert share == pytest.approx(0.5 / (1 - 0.5 ** (1 / 0.13)), abs=2e-3)
+    assert average.module.w.sum().item() == pytest.approx(1.0)
 
 
 def test_a_fixed_decay_and_a_half_life_together_are_refused():
