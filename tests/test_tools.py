@@ -319,9 +319,11 @@ def test_the_main_script_refuses_bad_options_before_installing_anything(args, me
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["multi30k.sh", "scripts"]
 
 
-def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(tmp_path):
+@pytest.mark.parametrize("one_core", [False, True])
+def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(one_core, tmp_path):
     """`--full ... hydra.run.dir=X`: the members train in X/member1, X/member2 (were the user's
-    override passed on after theirs, Hydra's last value would win and both would share X)."""
+    override passed on after theirs, Hydra's last value would win and both would share X); on
+    one core (taskset), one member has it to itself."""
     tree = tmp_path / "tree"
     for d in ("scripts", ".venv/bin", "fake", "data/multi30k"):
         (tree / d).mkdir(parents=True)
@@ -330,19 +332,23 @@ def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_
     (tree / "data" / "multi30k" / "prepare.json").write_text("{}\n")
     # a stand-in seq2seq-train that records its arguments, one line a call, and fails
     fake = tree / "fake" / "seq2seq-train"
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "$*" >> "{tmp_path}/calls"\nexit 3\n')
+    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "threads=$OMP_NUM_THREADS $*" >> "{tmp_path}/calls"\n'
+                    f'exit 3\n')
     fake.chmod(0o755)
     (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{tree / "fake"}:$PATH"\n')
-    proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "en_de",
+    pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_core else []
+    proc = subprocess.run([*pin, "bash", str(tree / "scripts" / "multi30k.sh"), "--full", "en_de",
                            "hydra.run.dir=runs/mine", "trainer.max_epochs=2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "training failed: see runs/mine/member*.out" in proc.stderr, proc.stderr
     calls = sorted((tmp_path / "calls").read_text().splitlines())
-    assert len(calls) == 2
+    cores = 1 if one_core else len(os.sched_getaffinity(0))
+    assert len(calls) == (2 if cores >= 2 else 1)
     for member, call in enumerate(calls, 1):
         args = call.split()
         assert [a for a in args if a.startswith("hydra.run.dir=")] == [f"hydra.run.dir=runs/mine/member{member}"]
         assert f"seed={member}" in args and "trainer.max_epochs=2" in args
+        assert args[0] == f"threads={max(cores // len(calls), 1)}"
 
 
 def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_path):
