@@ -474,9 +474,11 @@ def test_a_moving_average_longer_than_the_budget_is_warned_of(budget, warns, cap
         assert "train.ema_decay=0.9995" in caplog.text and "first half of training" in caplog.text
 
 
-def _average_of(decays, seed=0):
+def _average_of(decays, seed=0, resume_at=None):
     """Drive MovingAverage.mix through torch's AveragedModel (as Lightning does) over steps whose
-    decays are `decays[1:]` (the first step is copied); return the average and each step's weights."""
+    decays are `decays[1:]` (the first step is copied); return the average and each step's weights.
+    With `resume_at` = n, before step n both states are saved and loaded into new objects, as a
+    resumed process would."""
     from torch.optim.swa_utils import AveragedModel
 
     from seq2seq.moving_average import MovingAverage
@@ -487,6 +489,12 @@ def _average_of(decays, seed=0):
     average = AveragedModel(model, multi_avg_fn=ema.mix)
     seen = []
     for n, decay in enumerate(decays, start=1):
+        if n == resume_at:
+            saved, saved_average = ema.state_dict(), average.state_dict()
+            ema = MovingAverage(0.5)
+            ema.load_state_dict(saved)
+            average = AveragedModel(model, multi_avg_fn=ema.mix)
+            average.load_state_dict(saved_average)
         with torch.no_grad():
             for p in model.parameters():
                 p.copy_(torch.randn_like(p) * n)
@@ -551,30 +559,14 @@ def test_a_half_life_as_a_share_of_the_budget_sets_the_decay_from_its_progress(b
 def test_a_moving_average_resumed_mid_run_goes_on_as_if_never_stopped():
     """Saved after step 4 of 7 (the callback's state and the averaged model's) and loaded into new
     objects, the average ends where an uninterrupted one does, with decays changing each step."""
-    from torch.optim.swa_utils import AveragedModel
-
-    from seq2seq.moving_average import MovingAverage
-
     decays = [0.0, 0.3, 0.9, 0.5, 0.99, 0.7, 0.95]
     whole, seen, _ = _average_of(decays)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1).double())
-    ema = MovingAverage(0.5)
-    average = AveragedModel(model, multi_avg_fn=ema.mix)
-    for n, decay in enumerate(decays, start=1):
-        if n == 5:                                        # a new process resumes the saved state
-            saved, saved_average = ema.state_dict(), average.state_dict()
-            ema = MovingAverage(0.5)
-            ema.load_state_dict(saved)
-            average = AveragedModel(model, multi_avg_fn=ema.mix)
-            average.load_state_dict(saved_average)
-        with torch.no_grad():
-            for p, w in zip(model.parameters(), seen[n - 1]):
-                p.copy_(w)
-        ema.current_decay = decay
-        average.update_parameters(model)
-    for p, q in zip(average.module.parameters(), whole):
-        torch.testing.assert_close(p.double(), q)
+    resumed, seen_resumed, _ = _average_of(decays, resume_at=5)
+    for a, b in zip(seen, seen_resumed):                 # the same steps' weights
+        for p, q in zip(a, b):
+            assert torch.equal(p, q)
+    for p, q in zip(resumed, whole):
+        torch.testing.assert_close(p, q)
 
 
 @pytest.mark.parametrize("steps", [300, 900])
