@@ -53,7 +53,8 @@ train                 training throughput on DATA/train.SRC / DATA/train.TGT, fr
                          fraction_of_float32_peak (null without the peak section),
                          fraction_of_bfloat16_peak (bf16 mode only), loss_first, loss_last,
                          warmup_step_s}
-                        or {"skipped": "warm-up step took X s ..."} or {"error": "..."}
+                        or {"skipped": "warm-up step took X s ..." or why --bf16 left it out}
+                        or {"error": "..."}
 decode                translation of DATA/TEST_SPLIT.SRC with Translator.from_checkpoint
   test_src, test_ref, sentences   (the first --sentences lines, if given)
   bleu_signature, chrf_signature
@@ -133,6 +134,7 @@ from seq2seq.cpu import KERNEL_CACHE_VAR, TRAINING_KERNELS, cpu_fields, keep_fre
 from seq2seq.data import BucketBatchSampler, ParallelDataset, collate
 from seq2seq.files import InputError, read_lines
 from seq2seq.metrics import corpus_scores
+from seq2seq.quantize import BF16_FLAGS, cpu_has_bfloat16
 from seq2seq.model import build_model
 from seq2seq.module import adam, batch_loss
 from seq2seq.token_cache import cached_dataset
@@ -315,6 +317,17 @@ def matmul_gflops(dtype: torch.dtype, n: int, repeats: int, warmup: int, budget_
             "seconds": [round(t, 5) for t in times], "warmup_seconds": round(warm, 3)}
 
 
+def bf16_skipped(setting: str, has_bf16: bool | None) -> str | None:
+    """Why this run leaves out its bfloat16 rows (None: it measures them), for `--bf16 setting`
+    on a CPU that has bfloat16 instructions (True), has none (False) or cannot tell (None)."""
+    if setting == "off":
+        return "--bf16 off"
+    if setting == "auto" and has_bf16 is False:
+        return (f"this CPU has no bfloat16 instructions (none of {', '.join(BF16_FLAGS)}): emulated, "
+                "bfloat16 runs far slower than float32 (--bf16 on measures it anyway)")
+    return None
+
+
 def bench_peak(args) -> dict:
     out: dict = {"size": args.peak_size, "flops_per_matmul": 2 * args.peak_size ** 3}
     # float32: the library this process's float32 products use (seq2seq.matmul); where that is
@@ -323,6 +336,10 @@ def bench_peak(args) -> dict:
     if matmul.enabled():
         kinds.insert(1, ("float32_blas", torch.float32, False))
     for name, dtype, onednn in kinds:
+        if dtype == torch.bfloat16 and args.bf16_skipped:
+            out[name] = {"skipped": args.bf16_skipped}
+            say(f"peak {name:9s} skipped: {args.bf16_skipped}")
+            continue
         try:
             r = matmul_gflops(dtype, args.peak_size, args.peak_repeats, args.peak_warmup, args.peak_budget,
                               onednn=onednn)
@@ -497,6 +514,10 @@ def bench_train(args, model_config: dict, src_tok, tgt_tok, opts: dict, peak: di
            "timed_steps": args.train_steps, "seed": args.seed, "flop_accounting": acc}
     timed = batches[args.warmup:]
     for key, dtype, guard in (("float32", None, None), ("bfloat16_autocast", torch.bfloat16, args.bf16_guard)):
+        if dtype is not None and args.bf16_skipped:
+            out[key] = {"skipped": args.bf16_skipped}
+            say(f"train {key}: skipped: {args.bf16_skipped}")
+            continue
         say(f"train {key}: {args.warmup} warm-up + {args.train_steps} timed steps of {args.train_batch_size} ...")
         try:
             raw = run_training(model_config, opts, batches, warmup=args.warmup, steps=args.train_steps,
@@ -589,7 +610,11 @@ def bench_decode(args) -> dict:
             f"{r['output_tokens_per_s']:9.0f} tok/s  BLEU {r['bleu']:.2f}")
 
     variants = []  # (dtype, why, how to build its translator, guarded: may be too slow to finish)
-    if not args.no_bf16_decode:
+    if args.bf16_skipped and not args.no_bf16_decode:
+        out["rows"] += [{"dtype": "bfloat16", "beam_size": beam, "batch_size": 64, "skipped": args.bf16_skipped}
+                        for beam in (1, 5)]
+        say(f"decode bfloat16: skipped: {args.bf16_skipped}")
+    elif not args.no_bf16_decode:
         variants.append(("bfloat16", "bfloat16 weights (--precision bfloat16)",
                          lambda: Translator.from_checkpoint(args.checkpoint, precision="bfloat16"), True))
     if not args.no_int8_decode:
@@ -971,6 +996,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: %(default)s)")
     g.add_argument("--train-batch-size", type=positive_int, default=128, help="sentences per batch (default: %(default)s)")
     g.add_argument("--seed", type=int, default=1, help="batch order and model init (default: %(default)s)")
+    p.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                   help="the bfloat16 rows (peak, bf16-mixed training, bfloat16 decoding): auto measures them "
+                        "where the CPU has bfloat16 instructions or /proc/cpuinfo cannot tell, on measures "
+                        "them also where they are emulated (one 2048^3 product: 54 s on an AVX2 CPU), off "
+                        "never (default: %(default)s)")
     g.add_argument("--bf16-guard", type=float, default=20.0,
                    help="abandon a bfloat16 mode whose warm-up step/call takes longer (s; default: %(default)s)")
     g = p.add_argument_group("peer (training throughput of another toolkit, measured in the same run)")
@@ -1066,6 +1096,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(levelname)s: %(message)s")
     if args.warmup < 0 or args.peak_warmup < 0:
         parser().error("--warmup and --peak-warmup must be >= 0")
+    args.bf16_skipped = bf16_skipped(args.bf16, cpu_has_bfloat16())
     if not args.no_malloc_tuning:
         keep_freed_memory()
     if args._child != "translate":

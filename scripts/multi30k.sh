@@ -7,6 +7,8 @@
 #   bash scripts/multi30k.sh --full de_en
 #   bash scripts/multi30k.sh --full --members 3 de_en   # an ensemble of 3 (default 2, 1 on one core) sharing the cores
 #   bash scripts/multi30k.sh --full --seed 3 de_en      # members seeded 3, 4 (default 1, 2) in runs/..._seed3
+#   bash scripts/multi30k.sh --full --size small        # the 5.3 M-parameter model (default on a CPU without
+#                                                       # bfloat16 instructions; --size large: the 15.1 M one)
 #
 # Data: a local copy at $MULTI30K_DIR (default ../shared/data/multi30k) is used when it
 # exists; otherwise the public original is downloaded. Extra arguments after the
@@ -18,19 +20,23 @@ members=2
 members_given=0
 first_seed=1
 seed_given=0
+size=auto
 while [[ "${1:-}" == --* ]]; do
     case "$1" in
         --full) schedule=full; shift;;
         --members) members="${2:-}"; members_given=1; shift 2 || { echo "--members needs a number" >&2; exit 2; };;
         --seed) first_seed="${2:-}"; seed_given=1; shift 2 || { echo "--seed needs a number" >&2; exit 2; };;
-        *) echo "unknown option '$1': use --full, --members N, --seed N" >&2; exit 2;;
+        --size) size="${2:-}"; shift 2 || { echo "--size needs auto, small or large" >&2; exit 2; };;
+        *) echo "unknown option '$1': use --full, --members N, --seed N, --size auto|small|large" >&2; exit 2;;
     esac
 done
 if ! [[ "$members" =~ ^[1-9][0-9]*$ ]]; then echo "--members must be a whole number >= 1, got '$members'" >&2; exit 2; fi
 if ! [[ "$first_seed" =~ ^(0|[1-9][0-9]*)$ ]]; then echo "--seed must be a whole number >= 0, got '$first_seed'" >&2; exit 2; fi
+case "$size" in auto|small|large) ;; *) echo "--size must be auto, small or large, got '$size'" >&2; exit 2;; esac
 # one core: one model trained the whole time beats two sharing it (docs/RESULTS.md, the one-core run)
 if (( ! members_given )) && (( $(nproc) < 2 )); then members=1; fi
 if [[ "$schedule" == quick && "$members_given" == 1 ]]; then echo "--members applies to --full only" >&2; exit 2; fi
+if [[ "$schedule" == quick && "$size" != auto ]]; then echo "--size applies to --full only" >&2; exit 2; fi
 if [[ "$schedule" == quick && "$seed_given" == 1 ]]; then echo "--seed applies to --full only (the quick schedule takes seed=N)" >&2; exit 2; fi
 direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
@@ -62,6 +68,19 @@ if [[ "$schedule" == quick ]]; then
     experiment="${experiment}_quick"
     echo ">>> QUICK schedule: a few epochs (minutes on a 2-core CPU; BLEU below the full recipe)." >&2
     echo ">>> The full recipe: bash scripts/multi30k.sh --full ${direction}" >&2
+else
+    # on a CPU without bfloat16 instructions training runs in float32, and one core fits 5 epochs
+    # of the 15.1 M model in the recipe's time against about 25 of the 5.3 M one (docs/RESULTS.md)
+    if [[ "$size" == auto ]]; then
+        size=large
+        trains_in=$(python -c 'import torch; from seq2seq.quantize import auto_precision
+print("gpu" if torch.cuda.is_available() else auto_precision("cpu"))')
+        if [[ "$trains_in" == float32 ]]; then
+            size=small
+            echo ">>> This CPU has no bfloat16 instructions: the full recipe's 5.3 M-parameter model (--size large: 15.1 M)." >&2
+        fi
+    fi
+    if [[ "$size" == small ]]; then experiment="${experiment}_small"; fi
 fi
 run_dir="runs/${experiment}"
 # other seeds train in a directory of their own: the default one would resume seed 1's members

@@ -4,6 +4,7 @@ attention pictures, and translate's progress bar."""
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import pty
@@ -26,6 +27,7 @@ from seq2seq.cli import average_main, info_main, plot_training_main
 from seq2seq.info import model_card
 from seq2seq.model import ModelConfig, Seq2Seq
 from seq2seq.plot import plot_training
+from seq2seq.quantize import auto_precision, cpu_has_bfloat16
 from seq2seq.tokenizer import train_tokenizer
 from seq2seq.translate import Translator
 
@@ -268,6 +270,10 @@ def test_benchmark_json_covers_training_decoding_scale_and_profile(toy_run, tmp_
     assert ("float32_blas" in peak) == (report["environment"]["float32_matmul"] == "onednn")
     fp32 = report["train"]["float32"]
     assert fp32["tgt_tokens_per_s"] > 0 and 0 <= fp32["tgt_padding_fraction"] < 1
+    # --bf16 auto: bfloat16 is measured where the CPU has it, and left out (saying why) where it is emulated
+    emulated = cpu_has_bfloat16() is False
+    for row in (peak["bfloat16"], report["train"]["bfloat16_autocast"]):
+        assert ("no bfloat16 instructions" in row.get("skipped", "")) == emulated, row
     rows = {(r["dtype"], r["beam_size"], r["batch_size"]): r for r in report["decode"]["rows"]}
     assert set(rows) == {(dtype, beam, 64) for dtype in ("float32", "int8") for beam in (1, 5)}
     for (dtype, beam, _), r in rows.items():
@@ -295,12 +301,27 @@ def test_benchmark_json_covers_training_decoding_scale_and_profile(toy_run, tmp_
                for o in report["profile"]["train_step"]["ops"])
 
 
+def test_the_benchmark_leaves_out_bfloat16_only_where_asked_or_emulated():
+    spec = importlib.util.spec_from_file_location("benchmark", ROOT / "scripts" / "benchmark.py")
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+    for has_bf16 in (True, None):  # None: /proc/cpuinfo unreadable, so measure and see
+        assert benchmark.bf16_skipped("auto", has_bf16) is None
+    assert "no bfloat16 instructions (none of avx512_bf16, amx_bf16" in benchmark.bf16_skipped("auto", False)
+    for has_bf16 in (True, False, None):
+        assert benchmark.bf16_skipped("on", has_bf16) is None
+        assert benchmark.bf16_skipped("off", has_bf16) == "--bf16 off"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--members", "0", "--full"], "--members must be a whole number >= 1, got '0'"),
     (["--full", "--members"], "--members needs a number"),
     (["--members", "3"], "--members applies to --full only"),
     (["--members", "2", "de_en"], "--members applies to --full only"),
-    (["--fast"], "unknown option '--fast': use --full, --members N, --seed N"),
+    (["--fast"], "unknown option '--fast': use --full, --members N, --seed N, --size auto|small|large"),
+    (["--full", "--size", "tiny"], "--size must be auto, small or large, got 'tiny'"),
+    (["--full", "--size"], "--size needs auto, small or large"),
+    (["--size", "small", "de_en"], "--size applies to --full only"),
     (["--full", "fr_en"], "direction must be en_de or de_en, got 'fr_en'"),
     (["--full", "--seed"], "--seed needs a number"),
     (["--full", "--seed", "-1"], "--seed must be a whole number >= 0, got '-1'"),
@@ -319,11 +340,12 @@ def test_the_main_script_refuses_bad_options_before_installing_anything(args, me
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["multi30k.sh", "scripts"]
 
 
-@pytest.mark.parametrize("one_core", [False, True])
-def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(one_core, tmp_path):
+@pytest.mark.parametrize("one_core, size", [(False, None), (True, None), (False, "small"), (True, "large")])
+def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(one_core, size, tmp_path):
     """`--full ... hydra.run.dir=X`: the members train in X/member1, X/member2 (were the user's
     override passed on after theirs, Hydra's last value would win and both would share X); on
-    one core (taskset), one member has it to itself."""
+    one core (taskset), one member has it to itself. The model: `--size`, by default the 5.3 M
+    one where training runs in float32 (no bfloat16 instructions)."""
     tree = tmp_path / "tree"
     for d in ("scripts", ".venv/bin", "fake", "data/multi30k"):
         (tree / d).mkdir(parents=True)
@@ -335,10 +357,10 @@ def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_
     fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "threads=$OMP_NUM_THREADS $*" >> "{tmp_path}/calls"\n'
                     f'exit 3\n')
     fake.chmod(0o755)
-    (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{tree / "fake"}:$PATH"\n')
+    (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{tree / "fake"}:{Path(sys.executable).parent}:$PATH"\n')
     pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_core else []
-    proc = subprocess.run([*pin, "bash", str(tree / "scripts" / "multi30k.sh"), "--full", "en_de",
-                           "hydra.run.dir=runs/mine", "trainer.max_epochs=2"],
+    proc = subprocess.run([*pin, "bash", str(tree / "scripts" / "multi30k.sh"), "--full",
+                           *(["--size", size] if size else []), "en_de", "hydra.run.dir=runs/mine", "trainer.max_epochs=2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "training failed: see runs/mine/member*.out" in proc.stderr, proc.stderr
     calls = sorted((tmp_path / "calls").read_text().splitlines())
@@ -348,6 +370,8 @@ def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_
         args = call.split()
         assert [a for a in args if a.startswith("hydra.run.dir=")] == [f"hydra.run.dir=runs/mine/member{member}"]
         assert f"seed={member}" in args and "trainer.max_epochs=2" in args
+        small = size == "small" or (size is None and not torch.cuda.is_available() and auto_precision() == "float32")
+        assert args[1] == ("experiment=multi30k_en_de_small" if small else "experiment=multi30k_en_de")
         assert args[0] == f"threads={max(cores // len(calls), 1)}"
 
 
@@ -374,7 +398,8 @@ def test_the_full_recipe_script_trains_packs_tunes_and_scores_an_ensemble(tmp_pa
             "model.encoder_hidden_size=16", "model.decoder_hidden_sizes=[16]", "train.batch_size=32",
             "trainer.max_epochs=2", "trainer.enable_progress_bar=false"]
     env = {**os.environ, "MULTI30K_DIR": str(corpus), "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "--seed", "3", "de_en", *tiny],
+    proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "--seed", "3", "--size", "large",
+                           "de_en", *tiny],
                           capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     run = tree / "runs" / "multi30k_de_en_seed3"  # not seed 1's directory, which it would resume

@@ -165,8 +165,8 @@ def test_the_quick_schedules_are_bounded_by_epochs_and_average_nothing(experimen
 
 
 # the sizes docs/RESULTS.md and the README report for each recipe's model (joint vocabulary of 6,000)
-RECIPE_PARAMETERS = {"multi30k_en_de": 15_076_720, "multi30k_en_de_quick": 5_313_136,
-                     "multi30k_de_en": 15_076_720, "multi30k_de_en_quick": 5_313_136}
+RECIPE_PARAMETERS = {"multi30k_en_de": 15_076_720, "multi30k_en_de_quick": 5_313_136, "multi30k_en_de_small": 5_313_136,
+                     "multi30k_de_en": 15_076_720, "multi30k_de_en_quick": 5_313_136, "multi30k_de_en_small": 5_313_136}
 
 
 @pytest.mark.parametrize("experiment", sorted(RECIPE_PARAMETERS))
