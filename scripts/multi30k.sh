@@ -73,9 +73,9 @@ else
     # of the 15.1 M model in the recipe's time against about 25 of the 5.3 M one (docs/RESULTS.md)
     if [[ "$size" == auto ]]; then
         size=large
-        trains_in=$(python -c 'import torch; from seq2seq.quantize import auto_precision
-print("gpu" if torch.cuda.is_available() else auto_precision("cpu"))')
-        if [[ "$trains_in" == float32 ]]; then
+        float32_cpu=$(python -c 'from omegaconf import OmegaConf; from seq2seq.train import trains_in_float32_on_cpu
+print(trains_in_float32_on_cpu(OmegaConf.create({"accelerator": "auto", "precision": "auto"})))')
+        if [[ "$float32_cpu" == True ]]; then
             size=small
             echo ">>> This CPU has no bfloat16 instructions: the full recipe's 5.3 M-parameter model (--size large: 15.1 M)." >&2
         fi

@@ -173,6 +173,12 @@ def training_precision(trainer: DictConfig) -> str:
     return "bf16-mixed" if auto_precision("cpu" if on_cpu else "cuda") == "bfloat16" else "32-true"
 
 
+def trains_in_float32_on_cpu(trainer: DictConfig) -> bool:
+    """Whether training with these trainer settings runs on the CPU in float32 (for `auto`: a CPU
+    without bfloat16 instructions), where scripts/multi30k.sh --full picks the smaller model."""
+    return _trains_on_cpu(trainer) and training_precision(trainer) == "32-true"
+
+
 def check_precision_here(trainer: DictConfig) -> None:
     """bfloat16 training on a CPU needs bfloat16 instructions: without them oneDNN has no
     bfloat16 LSTM and fails at the first step with an opaque message; say so up front."""

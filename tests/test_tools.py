@@ -18,6 +18,7 @@ from pathlib import Path
 import lightning
 import pytest
 import torch
+from omegaconf import OmegaConf
 from matplotlib.image import imread
 
 import seq2seq
@@ -27,8 +28,9 @@ from seq2seq.cli import average_main, info_main, plot_training_main
 from seq2seq.info import model_card
 from seq2seq.model import ModelConfig, Seq2Seq
 from seq2seq.plot import plot_training
-from seq2seq.quantize import auto_precision, cpu_has_bfloat16
+from seq2seq.quantize import cpu_has_bfloat16
 from seq2seq.tokenizer import train_tokenizer
+from seq2seq.train import trains_in_float32_on_cpu
 from seq2seq.translate import Translator
 
 from .conftest import console, run_cli
@@ -370,7 +372,7 @@ def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_
         args = call.split()
         assert [a for a in args if a.startswith("hydra.run.dir=")] == [f"hydra.run.dir=runs/mine/member{member}"]
         assert f"seed={member}" in args and "trainer.max_epochs=2" in args
-        small = size == "small" or (size is None and not torch.cuda.is_available() and auto_precision() == "float32")
+        small = size == "small" or (size is None and trains_in_float32_on_cpu(OmegaConf.create({})))
         assert args[1] == ("experiment=multi30k_en_de_small" if small else "experiment=multi30k_en_de")
         assert args[0] == f"threads={max(cores // len(calls), 1)}"
 

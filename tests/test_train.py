@@ -95,6 +95,10 @@ def test_auto_training_precision_follows_the_cpu_flags(monkeypatch, flags, expec
     assert train.training_precision(OmegaConf.create({"precision": "auto", "accelerator": "cpu"})) == expected
     for explicit in ("32-true", "bf16-mixed", "16-mixed"):
         assert train.training_precision(OmegaConf.create({"precision": explicit, "accelerator": "cpu"})) == explicit
+    # what scripts/multi30k.sh --full asks to choose its model: float32 on the CPU, not on a GPU
+    cpu = OmegaConf.create({"precision": "auto", "accelerator": "cpu"})
+    assert train.trains_in_float32_on_cpu(cpu) == (expected == "32-true")
+    assert not train.trains_in_float32_on_cpu(OmegaConf.create({"precision": "32-true", "accelerator": "gpu"}))
 
 
 def test_the_run_records_which_precision_trained_it(toy_run):
