@@ -115,6 +115,13 @@ def mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a.t(), b)
 
 
+def add_mm_tn_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """c += a (n, m)^T @ b (n, k), in place: a weight gradient accumulated over blocks of rows."""
+    if _routed(a, b, c):
+        return c.add_(mm_tn(a, b))
+    return c.addmm_(a.t(), b)
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):

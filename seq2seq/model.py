@@ -15,7 +15,7 @@ from torch import nn
 from .attention import ATTENTION_TYPES, Memory
 from .decoder import BRIDGES, Bridge, Decoder, DecoderState
 from .encoder import Encoder
-from .loss import label_smoothed_nll
+from .loss import label_smoothed_nll, output_layer_nll
 from .matmul import linear, pad_rows
 from .tokenizer import PAD_ID
 
@@ -165,15 +165,20 @@ class Seq2Seq(nn.Module):
 
         The output layer, the largest product of a training step, skips the padding positions
         of `tgt_out` (batch, tgt_len) instead of computing them to ignore them, and its bias is
-        added inside the loss, a cache-sized block at a time (loss.py).
+        added inside the loss, a cache-sized block at a time (loss.py); outside bfloat16
+        autocast the product, too, is made there a chunk of rows at a time.
         """
         memory, state = self.encode(src, src_len)
         vectors, _ = self.decoder.attentional_vectors(tgt_in, state, memory)  # (batch, tgt_len, out)
         real = tgt_out != PAD_ID                                               # (batch, tgt_len)
         layer = self.decoder.output_layer
-        # rows padded to a shape whose kernels are reused from batch to batch (matmul.pad_rows)
-        logits = linear(pad_rows(self.decoder.dropout(vectors[real])), layer.weight)  # (rows >= tokens, vocab)
+        x = self.decoder.dropout(vectors[real])                                # (tokens, out)
         targets = tgt_out[real]                                                # (tokens,)
+        if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
+            # the product and the loss a chunk of rows at a time (loss.py)
+            return output_layer_nll(x, layer.weight, layer.bias, targets, label_smoothing), targets.numel()
+        # rows padded to a shape whose kernels are reused from batch to batch (matmul.pad_rows)
+        logits = linear(pad_rows(x), layer.weight)                             # (rows >= tokens, vocab)
         return label_smoothed_nll(logits, targets, label_smoothing, bias=layer.bias), targets.numel()
 
     def num_parameters(self) -> int:

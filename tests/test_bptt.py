@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from seq2seq.loss import label_smoothed_nll
+from seq2seq.loss import label_smoothed_nll, output_layer_nll
 from seq2seq.model import ModelConfig, Seq2Seq
 
 STACKS = {"bahdanau": ([12], [10, 12], [9, 11, 12]), "dot": ([12], [10, 12]), "general": ([12], [7, 12], [9, 11, 5])}
@@ -226,6 +226,79 @@ def test_padding_rows_after_the_targets_add_nothing_and_get_no_gradient():
     torch.testing.assert_close(grads[1], ref_grads[1])
     with pytest.raises(ValueError, match=r"tokens <= rows, got \(24, 9\) and \(25,\)"):
         label_smoothed_nll(logits, torch.zeros(25, dtype=torch.long), 0.1)
+
+
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("scale", [1.7, -0.5])
+@pytest.mark.parametrize("smoothing", [0.0, 0.2])
+def test_output_layer_nll_equals_a_linear_layer_and_cross_entropy_loss(smoothing, scale, with_bias, monkeypatch):
+    monkeypatch.setattr("seq2seq.loss.CHUNK_BYTES", 4 * 13 * 8)     # chunks of 8 rows, a short last one
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(29, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    layer = nn.Linear(6, 13, bias=with_bias).double()
+    target = torch.randint(0, 13, (29,), generator=g)
+    ref = nn.CrossEntropyLoss(label_smoothing=smoothing, reduction="sum")(layer(x), target)
+    params = [x, layer.weight] + ([layer.bias] if with_bias else [])
+    ref_grads = torch.autograd.grad(scale * ref, params)
+    ours = output_layer_nll(x, layer.weight, layer.bias, target, smoothing)
+    grads = torch.autograd.grad(scale * ours, params)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_output_layer_nll_pads_the_chunks_oneDNN_multiplies_and_gives_padding_nothing(monkeypatch):
+    from seq2seq import matmul
+    if not matmul._onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(matmul, "enabled", lambda: True)            # float32 products through oneDNN
+    monkeypatch.setattr(matmul, "ROW_MULTIPLE", 8)
+    monkeypatch.setattr("seq2seq.loss.CHUNK_BYTES", 4 * 13 * 10)    # chunks of 10 rows, padded to 16
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(23, 6, generator=g, requires_grad=True)
+    layer = nn.Linear(6, 13)
+    target = torch.randint(0, 13, (23,), generator=g)
+    ref = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(layer(x), target)
+    params = [x, layer.weight, layer.bias]
+    ref_grads = torch.autograd.grad(ref, params)
+    ours = output_layer_nll(x, layer.weight, layer.bias, target, 0.1)
+    grads = torch.autograd.grad(ours, params)
+    torch.testing.assert_close(ours, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_float32_token_loss_and_its_gradients_equal_the_full_logits_path():
+    # outside autocast token_loss multiplies and scores a chunk at a time (output_layer_nll); the
+    # same model's full logits through CrossEntropyLoss give the same loss and gradients
+    model = _model("bahdanau", [12], dtype=torch.float32).eval()
+    src, src_len, tgt = _batch()
+    tgt_out = tgt.clone()
+    tgt_out[2, 2:] = 0
+    loss, _ = model.token_loss(src, src_len, tgt, tgt_out, 0.1)
+    grads = torch.autograd.grad(loss, list(model.parameters()), allow_unused=True)
+    full, _ = model(src, src_len, tgt)                                     # (batch, tgt_len, vocab)
+    real = tgt_out != 0
+    ref = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(full[real], tgt_out[real])
+    ref_grads = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    torch.testing.assert_close(loss, ref)
+    for a, b in zip(grads, ref_grads):
+        assert (a is None) == (b is None)
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_output_layer_nll_names_bad_arguments():
+    w = torch.zeros(5, 3)
+    with pytest.raises(ValueError, match=r"x must be \(tokens, in\), weight \(vocab, in\) and target \(tokens,\), "
+                                         r"got \(2, 4\), \(5, 3\) and \(2,\)"):
+        output_layer_nll(torch.zeros(2, 4), w, None, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"got \(2, 3\), \(5, 3\) and \(3,\)"):
+        output_layer_nll(torch.zeros(2, 3), w, None, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"bias must be \(vocab,\) = \(5,\), got \(3,\)"):
+        output_layer_nll(torch.zeros(2, 3), w, torch.zeros(3), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"label smoothing must be in \[0, 1\), got -0.1"):
+        output_layer_nll(torch.zeros(2, 3), w, None, torch.zeros(2, dtype=torch.long), -0.1)
 
 
 def test_token_loss_under_bfloat16_autocast_pads_the_output_product_and_scores_the_same(monkeypatch):
