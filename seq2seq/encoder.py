@@ -10,7 +10,9 @@ and autograd record each one; `nn.LSTM` over a dense batch runs a fused kernel
 length and cut at every length some sentence ends at: each segment of steps runs
 densely over the sentences still going, from the states where the previous segment
 stopped, and the backward direction reads each sentence reversed within its length.
-Batches come from length buckets, so the first segment holds most of the work.
+Batches come from length buckets, so the first segment holds most of the work. In
+float32 training each direction is instead one autograd node with its backward pass
+written out (lstm.py), which saves the kernel calls' fixed costs.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from .dropout import Dropout, dropout, word_dropout
+from .lstm import sorted_lstm
 from .tokenizer import PAD_ID
 
 
@@ -118,7 +121,10 @@ class Encoder(nn.Module):
                 if low is not None:
                     weights = tuple(w.to(low) for w in weights)
                 inp = x if direction == 0 else _gather_time(x, reverse)
-                out, h, c = _run_segments(inp, ordered, weights, self.training)
+                if low is None and torch.is_grad_enabled():
+                    out, h, c = sorted_lstm(inp, ordered, *weights)       # one autograd node (lstm.py)
+                else:
+                    out, h, c = _run_segments(inp, ordered, weights, self.training)
                 outs.append(out if direction == 0 else _gather_time(out, reverse))
                 finals_h.append(h)
                 finals_c.append(c)

@@ -188,9 +188,16 @@ def test_word_dropout_reaches_both_embeddings_in_training_only(input_feeding, mo
         ModelConfig(word_dropout=1.0, **kwargs)
 
 
+@pytest.mark.parametrize("kernels", [False, True])
 @pytest.mark.parametrize("layers,bidirectional", [(1, True), (1, False), (2, True), (3, False)])
-def test_segmented_encoder_equals_nn_lstm_over_packed_sequences(layers, bidirectional):
-    # outputs, final states and every gradient, with lengths from 1 to the full width in any order
+def test_segmented_encoder_equals_nn_lstm_over_packed_sequences(layers, bidirectional, kernels, monkeypatch):
+    # outputs, final states and every gradient, with lengths from 1 to the full width in any order;
+    # training runs each direction as lstm.sorted_lstm, or (kernels) as fused LSTM kernels over
+    # length segments, as under bfloat16 autocast
+    if kernels:
+        from seq2seq import encoder as encoder_module
+        monkeypatch.setattr(encoder_module, "sorted_lstm",
+                            lambda x, lengths, *w: encoder_module._run_segments(x, lengths, w, True))
     torch.manual_seed(layers)
     enc = Encoder(50, 8, 6, layers, bidirectional).double()
     src, src_len = random_sources([9, 1, 4, 9, 6, 4, 2], 50, seed=2)
@@ -278,3 +285,13 @@ def test_cpu_dropout_masks_drop_at_the_rate_in_every_lane_of_a_random_word(p):
     lanes = (mask[:100_000] == 0).view(-1, 4).float().mean(0)
     assert torch.all((lanes - p).abs() < 0.01), lanes
     assert not torch.equal(mask, dropout_mask((100_003,), p, torch.float32, "cpu"))
+
+
+def test_sorted_lstm_names_unsorted_or_too_long_lengths():
+    from seq2seq.lstm import sorted_lstm
+    lstm = nn.LSTM(3, 4)
+    w = (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+    with pytest.raises(ValueError, match=r"lengths must be non-increasing and at most the width 5, got \[2, 3\]"):
+        sorted_lstm(torch.zeros(2, 5, 3), [2, 3], *w)
+    with pytest.raises(ValueError, match=r"at most the width 5, got \[6, 1\]"):
+        sorted_lstm(torch.zeros(2, 5, 3), [6, 1], *w)
