@@ -23,6 +23,7 @@ import math
 import torch
 from torch.autograd.function import once_differentiable
 
+from . import matmul
 from .matmul import add_mm_tn_, mm_t, mm_tn, pad_rows, transposed
 
 BLOCK_BYTES = 4 << 20   # float32 bytes of one block of rows: fits the last-level cache of a small CPU
@@ -69,8 +70,12 @@ def output_layer_nll(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     if x.dim() != 2 or weight.dim() != 2 or x.size(1) != weight.size(1) or target.shape != x.shape[:1]:
         raise ValueError(f"x must be (tokens, in), weight (vocab, in) and target (tokens,), got "
                          f"{tuple(x.shape)}, {tuple(weight.shape)} and {tuple(target.shape)}")
+    if x.dtype not in (torch.float32, torch.float64) or weight.dtype != x.dtype:
+        raise ValueError(f"x and weight must both be float32 or float64, got {x.dtype} and {weight.dtype}")
     _check(weight.size(0), bias, smoothing)
-    return _OutputLayerNLL.apply(x, weight, bias, target, float(smoothing))
+    # without a backward pass to come (validation), each chunk goes as soon as it is scored
+    keep = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    return _OutputLayerNLL.apply(x, weight, bias, target, float(smoothing), keep)
 
 
 def _check(vocab: int, bias: torch.Tensor | None, smoothing: float) -> None:
@@ -80,8 +85,11 @@ def _check(vocab: int, bias: torch.Tensor | None, smoothing: float) -> None:
         raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
 
 
-def _spans(rows: int, vocab: int, nbytes: int):
+def _spans(rows: int, vocab: int, nbytes: int, multiple: int = 1):
+    """Slices of at most nbytes of float32 rows of `vocab`, each a multiple of `multiple` rows where it can be."""
     step = max(1, nbytes // (4 * max(vocab, 1)))
+    if step >= multiple:
+        step -= step % multiple
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
 
@@ -155,7 +163,11 @@ class _LabelSmoothedNLL(torch.autograd.Function):
 
 def _block(logits: torch.Tensor, bias: torch.Tensor | None, dst: torch.Tensor) -> torch.Tensor:
     """logits (n, vocab) (+ bias) written into dst (n, vocab), in dst's dtype: ours to overwrite."""
-    return dst.copy_(logits) if bias is None else torch.add(logits, bias, out=dst)
+    if bias is None:
+        return dst.copy_(logits)
+    if logits.dtype == dst.dtype and bias.dtype == dst.dtype:
+        return torch.add(logits, bias, out=dst)
+    return dst.copy_(logits).add_(bias)                                # the sum in dst's float32
 
 
 class _OutputLayerNLL(torch.autograd.Function):
@@ -163,10 +175,11 @@ class _OutputLayerNLL(torch.autograd.Function):
     backward pass needs, one scaling away. The mean logit is x @ mean(W) + mean(b), and the
     smoothing's constant -eps * scale / vocab in every cell of the logits' gradient is left out
     of the chunks and put back into the layer's gradients afterwards (through a column sum of
-    W, of x, a row count): the backward pass reads and writes each chunk once before its products."""
+    W, of x, a row count): the backward pass scales each chunk in place (and sums it for the bias's
+    gradient) before its two products."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, target, smoothing):
+    def forward(ctx, x, weight, bias, target, smoothing, keep):
         rows, vocab = x.size(0), weight.size(0)
         sums = x.new_empty(rows)                                       # (rows,) sum of e
         mean = x @ weight.mean(0)                                      # (rows,) mean logit, bias aside
@@ -174,10 +187,10 @@ class _OutputLayerNLL(torch.autograd.Function):
             mean += bias.mean()
         total = x.new_zeros(())
         chunks = []
-        for span in _spans(rows, vocab, CHUNK_BYTES):
+        for span in _spans(rows, vocab, CHUNK_BYTES, matmul.ROW_MULTIPLE):
             n = span.stop - span.start
             xc = pad_rows(x[span])                 # (n' >= n, in): rows padded where oneDNN multiplies
-            z = mm_t(xc, weight)                                       # (n', vocab) logits
+            z = mm_t(xc, weight)                       # (n', vocab) logits; padding rows are zeros
             e = z[:n]
             if bias is not None:
                 e.add_(bias)
@@ -185,7 +198,8 @@ class _OutputLayerNLL(torch.autograd.Function):
             top = e.amax(1, keepdim=True)                              # (n, 1)
             lse = torch.sum(e.sub_(top).exp_(), 1, out=sums[span]).log().add_(top.squeeze(1))  # (n,)
             total += (lse - (1.0 - smoothing) * picked - smoothing * mean[span]).sum()
-            chunks.append((span, xc, z))
+            if keep:
+                chunks.append((span, xc, z))
         ctx.save_for_backward(x, weight, target, sums)
         ctx.chunks, ctx.smoothing, ctx.has_bias = chunks, smoothing, bias is not None
         return total
@@ -193,6 +207,9 @@ class _OutputLayerNLL(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
+        if ctx.chunks is None:
+            raise RuntimeError("output_layer_nll's backward pass turns the logits into their gradient "
+                               "in place: it runs once (retain_graph cannot repeat it)")
         x, weight, target, sums = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         eps, scale = ctx.smoothing, float(grad)
@@ -208,7 +225,6 @@ class _OutputLayerNLL(torch.autograd.Function):
             n = span.stop - span.start
             p = z[:n].mul_(factor[span].unsqueeze(1))                  # (n, vocab)
             p.scatter_add_(1, target[span].unsqueeze(1), p.new_full((n, 1), -(1.0 - eps) * scale))
-            z[n:].zero_()                                              # padding rows
             if d_b is not None:
                 d_b.add_(p.sum(0))
             if need_x:
@@ -227,4 +243,4 @@ class _OutputLayerNLL(torch.autograd.Function):
             d_x.sub_(weight.sum(0), alpha=constant)                    # every row: - constant * sum of W
         if d_b is not None:
             d_b.sub_(constant * x.size(0))
-        return d_x, d_w, d_b, None, None
+        return d_x, d_w, d_b, None, None, None

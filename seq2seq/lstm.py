@@ -34,8 +34,13 @@ def sorted_lstm(x: torch.Tensor, lengths: list[int], w_ih: torch.Tensor, w_hh: t
         outputs (batch, width, h), zero past each row's length; h and c (batch, h) after each
         row's last step (zero for a row of length 0).
     """
+    if len(lengths) != x.size(0):
+        raise ValueError(f"lengths must give one length per row of x ({x.size(0)}), got {len(lengths)}")
     if any(a < b for a, b in zip(lengths, lengths[1:])) or (lengths and lengths[0] > x.size(1)):
         raise ValueError(f"lengths must be non-increasing and at most the width {x.size(1)}, got {lengths}")
+    if not lengths or lengths[0] == 0:                                     # nothing to run
+        zeros = x.new_zeros(x.size(0), w_hh.size(1))                       # (batch, h)
+        return x.new_zeros(x.size(0), x.size(1), w_hh.size(1)), zeros, zeros.clone()
     return _SortedLSTM.apply(x, tuple(lengths), w_ih, w_hh, b_ih, b_hh)
 
 

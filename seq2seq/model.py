@@ -165,7 +165,7 @@ class Seq2Seq(nn.Module):
 
         The output layer, the largest product of a training step, skips the padding positions
         of `tgt_out` (batch, tgt_len) instead of computing them to ignore them, and its bias is
-        added inside the loss, a cache-sized block at a time (loss.py); outside bfloat16
+        added inside the loss, a cache-sized block at a time (loss.py); on the CPU outside
         autocast the product, too, is made there a chunk of rows at a time.
         """
         memory, state = self.encode(src, src_len)
@@ -174,7 +174,8 @@ class Seq2Seq(nn.Module):
         layer = self.decoder.output_layer
         x = self.decoder.dropout(vectors[real])                                # (tokens, out)
         targets = tgt_out[real]                                                # (tokens,)
-        if x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type):
+        on_cpu = x.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if on_cpu and x.dtype in (torch.float32, torch.float64):
             # the product and the loss a chunk of rows at a time (loss.py)
             return output_layer_nll(x, layer.weight, layer.bias, targets, label_smoothing), targets.numel()
         # rows padded to a shape whose kernels are reused from batch to batch (matmul.pad_rows)

@@ -288,6 +288,52 @@ def test_float32_token_loss_and_its_gradients_equal_the_full_logits_path():
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+def test_output_layer_nll_gives_only_the_gradients_asked_for_and_runs_its_backward_once():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(9, 4, generator=g, dtype=torch.float64)                 # no gradient
+    layer = nn.Linear(4, 7).double()
+    layer.bias.requires_grad_(False)
+    target = torch.randint(0, 7, (9,), generator=g)
+    ref = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(layer(x), target)
+    (ref_grad,) = torch.autograd.grad(ref, [layer.weight])
+    ours = output_layer_nll(x, layer.weight, layer.bias, target, 0.1)
+    ours.backward(retain_graph=True)
+    torch.testing.assert_close(layer.weight.grad, ref_grad)
+    with pytest.raises(RuntimeError, match="runs once"):
+        ours.backward()
+
+
+def test_tied_embeddings_get_both_gradients_through_the_chunked_output_layer():
+    torch.manual_seed(0)
+    cfg = ModelConfig(src_vocab_size=30, tgt_vocab_size=31, embedding_size=12, encoder_hidden_size=6,
+                      decoder_hidden_sizes=[12], tie_embeddings=True, dropout=0.0)
+    model = Seq2Seq(cfg).double().eval()
+    src, src_len, tgt = _batch()
+    loss, _ = model.token_loss(src, src_len, tgt, tgt, 0.1)
+    (grad,) = torch.autograd.grad(loss, [model.decoder.embedding.weight])
+    full, _ = model(src, src_len, tgt)
+    ref = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(full.flatten(0, 1), tgt.flatten())
+    (ref_grad,) = torch.autograd.grad(ref, [model.decoder.embedding.weight])
+    torch.testing.assert_close(grad, ref_grad)
+
+
+def test_label_smoothed_nll_adds_a_bfloat16_bias_in_float32_block_by_block(monkeypatch):
+    monkeypatch.setattr("seq2seq.loss.BLOCK_BYTES", 4 * 11 * 3)        # blocks of 3 rows, a short last one
+    g = torch.Generator().manual_seed(9)
+    logits = (4 * torch.randn(10, 11, generator=g)).bfloat16().requires_grad_()
+    bias = (100 * torch.randn(11, generator=g)).bfloat16().requires_grad_()  # large: the sum must not round
+    target = torch.randint(0, 11, (10,), generator=g)
+    ours = label_smoothed_nll(logits, target, 0.1, bias=bias)
+    wide = logits.detach().float().requires_grad_()
+    wide_bias = bias.detach().float().requires_grad_()
+    ref = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(wide + wide_bias, target)
+    torch.testing.assert_close(ours, ref)
+    grads = torch.autograd.grad(ours, [logits, bias])
+    ref_grads = torch.autograd.grad(ref, [wide, wide_bias])
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a.float(), b, rtol=0.02, atol=0.02)
+
+
 def test_output_layer_nll_names_bad_arguments():
     w = torch.zeros(5, 3)
     with pytest.raises(ValueError, match=r"x must be \(tokens, in\), weight \(vocab, in\) and target \(tokens,\), "
@@ -299,6 +345,8 @@ def test_output_layer_nll_names_bad_arguments():
         output_layer_nll(torch.zeros(2, 3), w, torch.zeros(3), torch.zeros(2, dtype=torch.long))
     with pytest.raises(ValueError, match=r"label smoothing must be in \[0, 1\), got -0.1"):
         output_layer_nll(torch.zeros(2, 3), w, None, torch.zeros(2, dtype=torch.long), -0.1)
+    with pytest.raises(ValueError, match=r"x and weight must both be float32 or float64, got torch.bfloat16"):
+        output_layer_nll(torch.zeros(2, 3, dtype=torch.bfloat16), w.bfloat16(), None, torch.zeros(2, dtype=torch.long))
 
 
 def test_token_loss_under_bfloat16_autocast_pads_the_output_product_and_scores_the_same(monkeypatch):

@@ -295,3 +295,26 @@ def test_sorted_lstm_names_unsorted_or_too_long_lengths():
         sorted_lstm(torch.zeros(2, 5, 3), [2, 3], *w)
     with pytest.raises(ValueError, match=r"at most the width 5, got \[6, 1\]"):
         sorted_lstm(torch.zeros(2, 5, 3), [6, 1], *w)
+    with pytest.raises(ValueError, match=r"one length per row of x \(2\), got 1"):
+        sorted_lstm(torch.zeros(2, 5, 3), [2], *w)
+    out, h, c = sorted_lstm(torch.zeros(2, 5, 3), [0, 0], *w)               # nothing to run: zeros
+    assert out.shape == (2, 5, 4) and not out.any() and not h.any() and not c.any()
+
+
+def test_float32_encoder_training_through_onednn_products_equals_packed_sequences(monkeypatch):
+    from seq2seq import matmul
+    if not matmul._onednn_available():
+        pytest.skip("this torch build has no oneDNN")
+    monkeypatch.setattr(matmul, "enabled", lambda: True)                   # as on an AMD CPU with AVX-512
+    torch.manual_seed(3)
+    enc = Encoder(50, 8, 6, 1, True)
+    src, src_len = random_sources([9, 1, 4, 9, 6, 4, 2], 50, seed=2)
+    results = []
+    for how in ("segmented", "packed"):
+        enc.zero_grad()
+        out, (h, c) = getattr(enc, how)(enc.embedding(src), src_len)
+        (out.sum() + (h * c).sum()).backward()
+        results.append((out.detach(), h.detach(), c.detach(), [p.grad.clone() for p in enc.parameters()]))
+    (out, h, c, grads), (ref_out, ref_h, ref_c, ref_grads) = results
+    for a, b in zip((out, h, c, *grads), (ref_out, ref_h, ref_c, *ref_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
