@@ -88,7 +88,8 @@ class Encoder(nn.Module):
 
     def segmented(self, emb: torch.Tensor, src_len: torch.Tensor
                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """`packed`'s results from dense LSTM kernel calls over length segments.
+        """`packed`'s results from dense LSTM kernel calls over length segments (with gradients
+        outside autocast: from `lstm.sorted_lstm`, one autograd node per direction).
 
         emb: (batch, src_len, emb) -> outputs (batch, src_len, dirs*hidden) zero at padding,
         (h_n, c_n) each (dirs*layers, batch, hidden).
