@@ -31,6 +31,7 @@ import torch
 
 from . import energy as bahdanau_energy
 from .dropout import dropout_mask
+from . import matmul
 from .matmul import addmm_t, mm_t, mm_tn, transposed
 
 
@@ -42,6 +43,7 @@ class Spec:
     attention: str                 # "bahdanau" | "dot" | "general"
     dropout: float                 # between cell layers (training only)
     dtype: torch.dtype             # of the matrix products
+    active: tuple[int, ...]        # per step, the rows still going (rows come sorted by length)
 
 
 def _mm_dtype(x: torch.Tensor) -> torch.dtype:
@@ -52,8 +54,8 @@ def _mm_dtype(x: torch.Tensor) -> torch.dtype:
     return x.dtype
 
 
-def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, memory
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, memory,
+                   lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`Decoder._step` over all target steps; returns what the step-by-step loop stacks.
 
     Args:
@@ -62,6 +64,9 @@ def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, 
         hidden: initial (h, c) of every layer, each (batch, hidden_l).
         feed: (batch, output_size) the initial attentional vector.
         memory: `Memory` (values (batch, src_len, enc_out), keys, mask (batch, src_len)).
+        lengths: optional (batch,) steps each row needs (its real target tokens): rows are then
+            sorted by length and each step runs only the rows still going; positions past a
+            row's length get zero vectors and weights instead of what the loop computes there.
     Returns:
         attentional vectors (batch, steps, output_size) and attention weights
         (batch, steps, src_len); the weights carry no gradient.
@@ -71,14 +76,35 @@ def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, 
     kind = {"BahdanauAttention": "bahdanau", "DotAttention": "dot", "GeneralAttention": "general"}[
         type(attention).__name__]
     p = decoder.cells.dropout.p if decoder.cells.training else 0.0
-    spec = Spec(tuple(c.hidden_size for c in cells), kind, p, _mm_dtype(embedded))
+    batch, steps = embedded.shape[:2]
+    order = None
+    # not where oneDNN multiplies (bfloat16 autocast, or float32 on AMD CPUs with AVX-512): it
+    # compiles a kernel for every new row count, and each step would bring one
+    mm_dtype = _mm_dtype(embedded)
+    onednn = embedded.device.type == "cpu" and (
+        mm_dtype not in (torch.float32, torch.float64) or (mm_dtype == torch.float32 and matmul.enabled()))
+    if lengths is not None and not onednn and bool((lengths < steps).any()):
+        order = torch.argsort(lengths, descending=True, stable=True)             # longest first
+        ordered = lengths[order].clamp(max=steps)
+        active = tuple(int(n) for n in (ordered.unsqueeze(0) > torch.arange(steps, device=ordered.device
+                                                                            ).unsqueeze(1)).sum(1))
+        embedded, feed = embedded.index_select(0, order), feed.index_select(0, order)
+        hidden = [(h.index_select(0, order), c.index_select(0, order)) for h, c in hidden]
+        memory = memory.index_select(order)
+    else:
+        active = (batch,) * steps
+    spec = Spec(tuple(c.hidden_size for c in cells), kind, p, mm_dtype, active)
     tensors = [t for h, c in hidden for t in (h, c)]
     for cell in cells:
         tensors += [cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh]
     if kind == "bahdanau":
         tensors += [attention.query_layer.weight, attention.energy_layer.weight]
     tensors.append(decoder.combine.weight)
-    return TeacherForced.apply(spec, embedded, feed, memory.values, memory.keys, memory.mask, *tensors)
+    vectors, weights = TeacherForced.apply(spec, embedded, feed, memory.values, memory.keys, memory.mask, *tensors)
+    if order is None:
+        return vectors, weights
+    back = torch.argsort(order)
+    return vectors.index_select(0, back), weights.index_select(0, back)
 
 
 class TeacherForced(torch.autograd.Function):
@@ -156,37 +182,39 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
         keys_t = keys_c.transpose(1, 2)                                            # (batch, key_dim, src_len)
     vectors = torch.empty(steps, batch, out_size, dtype=f32, device=dev)
 
-    for t in range(steps):
+    for t, n in enumerate(spec.active):                                            # n: rows still going
         for i, h in enumerate(sizes):
             if i == 0:
-                gates = addmm_t(pre0[t], z[0][t], w_cat[0])                       # (batch, 4h)
+                gates = addmm_t(pre0[t, :n], z[0][t, :n], w_cat[0])               # (n, 4h)
             else:
-                gates = addmm_t(biases[i], z[i][t], w_cat[i])
-            act = acts[i][t]
+                gates = addmm_t(biases[i], z[i][t, :n], w_cat[i])
+            act = acts[i][t, :n]
             torch.sigmoid(gates[:, :2 * h], out=act[:, :2 * h])
             torch.tanh(gates[:, 2 * h:3 * h], out=act[:, 2 * h:3 * h])
             torch.sigmoid(gates[:, 3 * h:], out=act[:, 3 * h:])
             gate_i, gate_f, gate_g, gate_o = act.split(h, 1)
-            c = torch.mul(gate_f, cs[i][t], out=cs[i][t + 1]).addcmul_(gate_i, gate_g)  # (batch, h)
-            tc = torch.tanh(c, out=tanh_c[i][t])
-            h_new = gate_o * tc                                                    # (batch, h)
-            z[i][t + 1, :, in_sizes[i]:] = h_new
+            c = torch.mul(gate_f, cs[i][t, :n], out=cs[i][t + 1, :n]).addcmul_(gate_i, gate_g)  # (n, h)
+            tc = torch.tanh(c, out=tanh_c[i][t, :n])
+            h_new = gate_o * tc                                                    # (n, h)
+            z[i][t + 1, :n, in_sizes[i]:] = h_new
             if i + 1 < len(sizes):
-                z[i + 1][t, :, :in_sizes[i + 1]] = h_new if drop is None else h_new * drop[i + 1][t]
-        query = z[-1][t + 1, :, in_sizes[-1]:]                                     # (batch, top) in cdt
+                z[i + 1][t, :n, :in_sizes[i + 1]] = h_new if drop is None else h_new * drop[i + 1][t, :n]
+        query = z[-1][t + 1, :n, in_sizes[-1]:]                                    # (n, top) in cdt
         if spec.attention == "bahdanau":
-            q = mm_t(query, w_query, out=queries[t])                               # (batch, att)
-            scores = bahdanau_energy.scores(keys_c, q, v)                          # (batch, src_len)
+            q = mm_t(query, w_query, out=queries[t, :n])                           # (n, att)
+            scores = bahdanau_energy.scores(keys_c[:n], q, v)                      # (n, src_len)
         else:
-            scores = torch.bmm(query.unsqueeze(1), keys_t).squeeze(1)              # (batch, src_len)
-        scores = scores.to(f32).masked_fill_(masked, float("-inf"))
-        alpha = weights[t]
-        alpha.copy_(torch.softmax(scores, dim=-1))                                 # (batch, src_len)
-        row = combined[t]
-        torch.bmm(alpha.to(cdt).unsqueeze(1), values_c, out=row[:, :value_size].unsqueeze(1))  # context
+            scores = torch.bmm(query.unsqueeze(1), keys_t[:n]).squeeze(1)          # (n, src_len)
+        scores = scores.to(f32).masked_fill_(masked[:n], float("-inf"))
+        alpha = weights[t, :n]
+        alpha.copy_(torch.softmax(scores, dim=-1))                                 # (n, src_len)
+        row = combined[t, :n]
+        torch.bmm(alpha.to(cdt).unsqueeze(1), values_c[:n], out=row[:, :value_size].unsqueeze(1))  # context
         row[:, value_size:] = query
-        vec = torch.tanh(mm_t(row, w_comb).to(f32), out=vectors[t])                # (batch, out)
-        z[0][t + 1, :, :out_size] = vec
+        vec = torch.tanh(mm_t(row, w_comb).to(f32), out=vectors[t, :n])            # (n, out)
+        z[0][t + 1, :n, :out_size] = vec
+    # rows past their ends: zero outputs, and zero inputs for the weight gradients' products
+    _zero_past_ends(spec.active, [*z, combined, vectors, weights])
 
     ctx.spec, ctx.shapes = spec, (batch, steps, emb_size, out_size, in_sizes, value_size)
     ctx.input_dtypes = (embedded.dtype, feed.dtype, values.dtype, keys.dtype)
@@ -220,6 +248,7 @@ def _backward(ctx, d_vectors):
 
     values_t = values_c.transpose(1, 2)                                            # (batch, enc_out, src_len)
     d_vec = d_vectors.transpose(0, 1).to(f32)                                      # (steps, batch, out)
+    active = spec.active
     d_gates = [torch.empty(steps, batch, 4 * h, dtype=cdt, device=dev) for h in sizes]
     d_comb_pre = torch.empty(steps, batch, out_size, dtype=cdt, device=dev)        # before the combine tanh
     d_combined = torch.empty(steps, batch, value_size + top, dtype=cdt, device=dev)
@@ -233,43 +262,51 @@ def _backward(ctx, d_vectors):
         ds_energy_sq = torch.zeros(keys_c.shape, dtype=f32, device=dev)           # (batch, src_len, att)
     else:
         d_scores_all = torch.empty(steps, batch, keys_c.size(1), dtype=cdt, device=dev)
-    d_h = [torch.zeros(batch, h, dtype=f32, device=dev) for h in sizes]            # from step t+1
-    d_c = [torch.zeros(batch, h, dtype=f32, device=dev) for h in sizes]
-    d_feed = torch.zeros(batch, out_size, dtype=f32, device=dev)
+    # the state gradients from step t+1, for the rows going at step t+1 (a row's gradient is zero
+    # past its end): grown with zero rows as the rows still going grow towards the first step
+    last = active[-1] if active else batch
+    d_h = [torch.zeros(last, h, dtype=f32, device=dev) for h in sizes]
+    d_c = [torch.zeros(last, h, dtype=f32, device=dev) for h in sizes]
+    d_feed = torch.zeros(last, out_size, dtype=f32, device=dev)
     # the weights as the step products read them (contiguous copies on the oneDNN path)
     w_comb_t, w_cat_t = transposed(w_comb), [transposed(w) for w in w_cat]
     w_query_t = transposed(w_query) if bahdanau else None
 
     for t in reversed(range(steps)):
-        vec = vectors[t]
-        d_pre = (d_vec[t] + d_feed).mul_(1 - vec * vec)                             # (batch, out)
-        d_comb_pre[t] = d_pre
-        d_row = mm_t(d_comb_pre[t], w_comb_t, out=d_combined[t])                   # (batch, enc_out + top)
+        m = active[t]                                                              # rows going at step t
+        if d_feed.size(0) < m:
+            d_h, d_c = [_grow(g, m) for g in d_h], [_grow(g, m) for g in d_c]
+            d_feed = _grow(d_feed, m)
+        vec = vectors[t, :m]
+        d_pre = (d_vec[t, :m] + d_feed).mul_(1 - vec * vec)                        # (m, out)
+        d_comb_pre[t, :m] = d_pre
+        d_row = mm_t(d_comb_pre[t, :m], w_comb_t, out=d_combined[t, :m])           # (m, enc_out + top)
         d_context = d_row[:, :value_size]
         d_top = d_row[:, value_size:].to(f32)
-        alpha = weights[t]                                                         # (batch, src_len)
-        d_alpha = torch.bmm(d_context.unsqueeze(1), values_t).squeeze(1).to(f32)   # (batch, src_len)
-        d_scores = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))      # (batch, src_len)
+        alpha = weights[t, :m]                                                     # (m, src_len)
+        d_alpha = torch.bmm(d_context.unsqueeze(1), values_t[:m]).squeeze(1).to(f32)  # (m, src_len)
+        d_scores = alpha * (d_alpha - (alpha * d_alpha).sum(1, keepdim=True))      # (m, src_len)
         if bahdanau:
-            sq_weighted = bahdanau_energy.backward(keys_c, queries[t], v, d_scores, d_v, ds_energy_sq)
-            ds_sum.add_(d_scores)                                                  # sq_weighted: (batch, att)
-            d_q = bahdanau_energy.gradient(d_scores.sum(1), sq_weighted, v)        # (batch, att)
-            d_queries[t] = d_q
-            d_top.add_(mm_t(d_queries[t], w_query_t))
+            sq_weighted = bahdanau_energy.backward(keys_c[:m], queries[t, :m], v, d_scores, d_v,
+                                                   ds_energy_sq[:m])
+            ds_sum[:m].add_(d_scores)                                              # sq_weighted: (m, att)
+            d_q = bahdanau_energy.gradient(d_scores.sum(1), sq_weighted, v)        # (m, att)
+            d_queries[t, :m] = d_q
+            d_top.add_(mm_t(d_queries[t, :m], w_query_t))
         else:
-            d_scores_all[t] = d_scores
-            d_top.add_(torch.bmm(d_scores_all[t].unsqueeze(1), keys_c).squeeze(1))
+            d_scores_all[t, :m] = d_scores
+            d_top.add_(torch.bmm(d_scores_all[t, :m].unsqueeze(1), keys_c[:m]).squeeze(1))
         d_top.add_(d_h[-1])
         d_below = d_top
         for i in reversed(range(n)):
             h = sizes[i]
-            gate_i, gate_f, gate_g, gate_o = acts[i][t].split(h, 1)
-            tc = tanh_c[i][t]
+            gate_i, gate_f, gate_g, gate_o = acts[i][t, :m].split(h, 1)
+            tc = tanh_c[i][t, :m]
             dh = d_below
-            dc = (dh * gate_o).mul_(1 - tc * tc).add_(d_c[i])                       # (batch, h)
-            dg = d_gates[i][t]
+            dc = (dh * gate_o).mul_(1 - tc * tc).add_(d_c[i])                       # (m, h)
+            dg = d_gates[i][t, :m]
             dg[:, :h] = dc * gate_g * gate_i * (1 - gate_i)
-            dg[:, h:2 * h] = dc * cs[i][t] * gate_f * (1 - gate_f)
+            dg[:, h:2 * h] = dc * cs[i][t, :m] * gate_f * (1 - gate_f)
             dg[:, 2 * h:3 * h] = dc * gate_i * (1 - gate_g * gate_g)
             dg[:, 3 * h:] = dh * tc * gate_o * (1 - gate_o)
             d_c[i] = dc.mul_(gate_f)
@@ -278,10 +315,12 @@ def _backward(ctx, d_vectors):
             if i > 0:
                 d_input = d_in[:, :in_sizes[i]]
                 if ctx.drop is not None:
-                    d_input = d_input * ctx.drop[i][t]
+                    d_input = d_input * ctx.drop[i][t, :m]
                 d_below = d_input + d_h[i - 1]
             else:
                 d_feed = d_in[:, :out_size]
+
+    _zero_past_ends(active, [*d_gates, d_comb_pre, d_combined, d_queries if bahdanau else d_scores_all])
 
     def flat(x):
         return x.reshape(steps * batch, -1)
@@ -307,9 +346,23 @@ def _backward(ctx, d_vectors):
     else:
         d_keys = torch.bmm(d_scores_all.permute(1, 2, 0), tops)                    # (batch, src_len, key_dim)
     d_wcomb = mm_tn(flat(d_comb_pre), flat(combined))                              # (out, enc_out + top)
-    d_states = [(d_h[i], d_c[i]) for i in range(n)]
+    d_states = [(_grow(d_h[i], batch), _grow(d_c[i], batch)) for i in range(n)]
+    d_feed = _grow(d_feed, batch)
 
     emb_dt, feed_dt, values_dt, keys_dt = ctx.input_dtypes
     grads = [d_emb.to(emb_dt), d_feed.to(feed_dt), d_values.to(values_dt), d_keys.to(keys_dt), None]
     grads += [g for hc in d_states for g in hc] + grads_params + att_grads + [d_wcomb]
     return [g if g is None or k < 5 else g.to(ctx.param_dtypes[k - 5]) for k, g in enumerate(grads)]
+
+
+def _zero_past_ends(active: tuple[int, ...], buffers) -> None:
+    """Rows active[t]: of each (steps[+1], batch, ...) buffer's step t set to zero (only they: the rest is written)."""
+    for t, n in enumerate(active):
+        if n < buffers[0].size(1):
+            for buf in buffers:
+                buf[t, n:] = 0
+
+
+def _grow(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x (r, size) with zero rows appended up to `rows`."""
+    return x if x.size(0) >= rows else torch.cat([x, x.new_zeros(rows - x.size(0), x.size(1))])

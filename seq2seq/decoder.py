@@ -209,9 +209,13 @@ class Decoder(nn.Module):
         vectors, weights = self.attentional_vectors(tgt_in, state, memory)
         return self.logits(vectors), weights  # one output projection for all steps
 
-    def attentional_vectors(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Teacher forcing up to the output layer: (batch, tgt_len, output_size), weights (batch, tgt_len, src_len)."""
+    def attentional_vectors(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory,
+                            lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Teacher forcing up to the output layer: (batch, tgt_len, output_size), weights (batch, tgt_len, src_len).
+
+        lengths: optional (batch,) positions each row needs; with input feeding, positions past
+        them are then not computed (zero vectors and weights), as the loss never reads them.
+        """
         # Embed all steps at once: one embedding backward instead of one dense
         # (vocab, emb) gradient per step.
         embedded = self.embed(tgt_in)  # (batch, tgt_len, emb)
@@ -223,7 +227,7 @@ class Decoder(nn.Module):
             return torch.tanh(self.combine(torch.cat([context, tops], dim=-1))), weights  # (batch, tgt_len, out)
         # `_step` over every step as one autograd node with its backward written out
         # (bptt.py): the same numbers, a fraction of the time
-        return teacher_forced(self, embedded, state.hidden, state.feed, memory)
+        return teacher_forced(self, embedded, state.hidden, state.feed, memory, lengths)
 
     def forward_stepwise(self, tgt_in: torch.Tensor, state: DecoderState, memory: Memory
                          ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -169,8 +169,9 @@ class Seq2Seq(nn.Module):
         autocast the product, too, is made there a chunk of rows at a time.
         """
         memory, state = self.encode(src, src_len)
-        vectors, _ = self.decoder.attentional_vectors(tgt_in, state, memory)  # (batch, tgt_len, out)
         real = tgt_out != PAD_ID                                               # (batch, tgt_len)
+        # rows stop at their last real token (the loss reads nothing after it)
+        vectors, _ = self.decoder.attentional_vectors(tgt_in, state, memory, real.sum(1))  # (batch, tgt_len, out)
         layer = self.decoder.output_layer
         x = self.decoder.dropout(vectors[real])                                # (tokens, out)
         targets = tgt_out[real]                                                # (tokens,)

@@ -334,6 +334,47 @@ def test_label_smoothed_nll_adds_a_bfloat16_bias_in_float32_block_by_block(monke
         torch.testing.assert_close(a.float(), b, rtol=0.02, atol=0.02)
 
 
+@pytest.mark.parametrize("attention,sizes", CASES)
+def test_rows_stopping_at_their_last_target_token_give_the_same_loss_and_gradients(attention, sizes):
+    # token_loss runs each row of the input-feeding decoder only up to its last real token
+    # (teacher_forced's lengths); the full-length pass scored on the same tokens agrees
+    model = _model(attention, sizes).eval()
+    src, src_len, tgt = _batch(tgt_len=6)
+    tgt_out = tgt.clone()
+    tgt_out[1, 1:] = 0                                                     # lengths 6, 1, 4, 0
+    tgt_out[2, 4:] = 0
+    tgt_out[3, :] = 0
+    loss, count = model.token_loss(src, src_len, tgt, tgt_out, 0.1)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    full, _ = model(src, src_len, tgt)                                     # every position computed
+    real = tgt_out != 0
+    ref = nn.CrossEntropyLoss(label_smoothing=0.1, reduction="sum")(full[real], tgt_out[real])
+    ref_grads = torch.autograd.grad(ref, params, allow_unused=True)
+    assert count == 11
+    torch.testing.assert_close(loss, ref)
+    for (name, _), a, b in zip(model.named_parameters(), grads, ref_grads):
+        assert (a is None) == (b is None), name
+        if a is not None:
+            torch.testing.assert_close(a, b, msg=name)
+
+
+def test_rows_run_to_the_end_where_onednn_would_compile_a_kernel_per_row_count(monkeypatch):
+    from seq2seq import matmul
+    model = _model("bahdanau", [12], dtype=torch.float32).eval()
+    src, src_len, tgt = _batch(tgt_len=6)
+    lengths = torch.tensor([6, 1, 4, 2])
+    with torch.no_grad():
+        memory, state = model.encode(src, src_len)
+        monkeypatch.setattr(matmul, "enabled", lambda: False)
+        short, _ = model.decoder.attentional_vectors(tgt, state, memory, lengths)
+        monkeypatch.setattr(matmul, "enabled", lambda: True)              # float32 products through oneDNN
+        full, _ = model.decoder.attentional_vectors(tgt, state, memory, lengths)
+    assert not short[1, 1:].any() and full[1, 1:].abs().sum() > 0     # past row 1's end: skipped / run
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(short[b, :n], full[b, :n], rtol=1e-4, atol=1e-5)
+
+
 def test_output_layer_nll_names_bad_arguments():
     w = torch.zeros(5, 3)
     with pytest.raises(ValueError, match=r"x must be \(tokens, in\), weight \(vocab, in\) and target \(tokens,\), "
