@@ -30,8 +30,9 @@ from dataclasses import dataclass
 import torch
 
 from . import energy as bahdanau_energy
-from .dropout import dropout_mask
 from . import matmul
+from .dropout import dropout_mask
+from .lstm import rows_going
 from .matmul import addmm_t, mm_t, mm_tn, transposed
 
 
@@ -85,9 +86,7 @@ def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, 
         mm_dtype not in (torch.float32, torch.float64) or (mm_dtype == torch.float32 and matmul.enabled()))
     if lengths is not None and not onednn and bool((lengths < steps).any()):
         order = torch.argsort(lengths, descending=True, stable=True)             # longest first
-        ordered = lengths[order].clamp(max=steps)
-        active = tuple(int(n) for n in (ordered.unsqueeze(0) > torch.arange(steps, device=ordered.device
-                                                                            ).unsqueeze(1)).sum(1))
+        active = rows_going(lengths[order].tolist(), steps)
         embedded, feed = embedded.index_select(0, order), feed.index_select(0, order)
         hidden = [(h.index_select(0, order), c.index_select(0, order)) for h, c in hidden]
         memory = memory.index_select(order)

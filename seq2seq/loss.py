@@ -85,40 +85,18 @@ def _check(vocab: int, bias: torch.Tensor | None, smoothing: float) -> None:
         raise ValueError(f"label smoothing must be in [0, 1), got {smoothing}")
 
 
+def _rows_per(vocab: int, nbytes: int) -> int:
+    """How many float32 rows of `vocab` fit in nbytes (at least one)."""
+    return max(1, nbytes // (4 * max(vocab, 1)))
+
+
 def _spans(rows: int, vocab: int, nbytes: int, multiple: int = 1):
     """Slices of at most nbytes of float32 rows of `vocab`, each a multiple of `multiple` rows where it can be."""
-    step = max(1, nbytes // (4 * max(vocab, 1)))
+    step = _rows_per(vocab, nbytes)
     if step >= multiple:
         step -= step % multiple
     for start in range(0, rows, step):
         yield slice(start, min(start + step, rows))
-
-
-def _row_losses(x: torch.Tensor, target: torch.Tensor, smoothing: float, scratch: torch.Tensor
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x (n, vocab) logits -> their log-sum-exp (n,) and loss (n,); `scratch` (n, vocab) is
-    overwritten (it may be x itself)."""
-    picked = x.gather(1, target.unsqueeze(1)).squeeze(1)                # (n,)
-    mean = x.mean(1)                                                    # (n,)
-    top = x.amax(1, keepdim=True)                                       # (n, 1)
-    lse = torch.sub(x, top, out=scratch).exp_().sum(1).log_().add_(top.squeeze(1))
-    return lse, lse - (1.0 - smoothing) * picked - smoothing * mean
-
-
-def _shift(lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, float]:
-    # d/dx = scale * (softmax(x) - (1 - eps) * onehot(target) - eps / vocab); a positive scale
-    # goes into the exponent
-    return (lse - math.log(scale), 1.0) if scale > 0 else (lse, scale)
-
-
-def _into_gradient_(p: torch.Tensor, target: torch.Tensor, shift: torch.Tensor, factor: float,
-                    scale: float, smoothing: float) -> torch.Tensor:
-    """p (n, vocab) holding logits (bias included) becomes their gradient, in place."""
-    p.sub_(shift.unsqueeze(1)).exp_()
-    if factor != 1.0:
-        p.mul_(factor)
-    p.scatter_add_(1, target.unsqueeze(1), p.new_full((p.size(0), 1), -(1.0 - smoothing) * scale))
-    return p.sub_(smoothing * scale / p.size(1))
 
 
 class _LabelSmoothedNLL(torch.autograd.Function):
@@ -128,12 +106,15 @@ class _LabelSmoothedNLL(torch.autograd.Function):
         rows, vocab = target.size(0), logits.size(1)
         lse = torch.empty(rows, dtype=acc, device=logits.device)       # (rows,) log-sum-exp
         total = torch.zeros((), dtype=acc, device=logits.device)
-        buf = torch.empty(min(rows, max(1, BLOCK_BYTES // (4 * vocab))), vocab, dtype=acc,
+        buf = torch.empty(min(rows, _rows_per(vocab, BLOCK_BYTES)), vocab, dtype=acc,
                           device=logits.device)                        # (block, vocab), reused
         for block in _spans(rows, vocab, BLOCK_BYTES):
             x = _block(logits[block], bias, buf[:block.stop - block.start])  # (block, vocab)
-            lse[block], per_row = _row_losses(x, target[block], smoothing, x)
-            total += per_row.sum()
+            picked = x.gather(1, target[block].unsqueeze(1)).squeeze(1)     # (block,)
+            mean = x.mean(1)                                                # (block,)
+            top = x.amax(1, keepdim=True)                                   # (block, 1)
+            z = torch.sum(x.sub_(top).exp_(), 1, out=lse[block]).log_().add_(top.squeeze(1))
+            total += (z - (1.0 - smoothing) * picked - smoothing * mean).sum()
         ctx.save_for_backward(logits, bias, target, lse)
         ctx.smoothing = smoothing
         return total
@@ -146,14 +127,21 @@ class _LabelSmoothedNLL(torch.autograd.Function):
         out = torch.empty_like(logits)                                 # (rows, vocab) in the logits' dtype
         out[rows:].zero_()                                             # padding rows
         d_bias = torch.zeros(vocab, dtype=lse.dtype, device=lse.device) if bias is not None else None
-        scale = float(grad)
-        shift, factor = _shift(lse, scale)
+        eps, scale = ctx.smoothing, float(grad)
+        # d/dx = scale * (softmax(x) - (1 - eps) * onehot(target) - eps / vocab); a positive scale
+        # goes into the exponent
+        shift = lse - math.log(scale) if scale > 0 else lse
+        factor = 1.0 if scale > 0 else scale
         # float32 gradients are made where they go; others in a float32 block, then converted
         buf = None if out.dtype == lse.dtype else torch.empty(
-            min(rows, max(1, BLOCK_BYTES // (4 * vocab))), vocab, dtype=lse.dtype, device=lse.device)
+            min(rows, _rows_per(vocab, BLOCK_BYTES)), vocab, dtype=lse.dtype, device=lse.device)
         for block in _spans(rows, vocab, BLOCK_BYTES):
             p = _block(logits[block], bias, out[block] if buf is None else buf[:block.stop - block.start])
-            _into_gradient_(p, target[block], shift[block], factor, scale, ctx.smoothing)
+            p.sub_(shift[block].unsqueeze(1)).exp_()                         # (block, vocab)
+            if factor != 1.0:
+                p.mul_(factor)
+            p.scatter_add_(1, target[block].unsqueeze(1), p.new_full((p.size(0), 1), -(1.0 - eps) * scale))
+            p.sub_(eps * scale / vocab)
             if d_bias is not None:
                 d_bias.add_(p.sum(0))
             if buf is not None:

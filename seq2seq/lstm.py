@@ -16,6 +16,8 @@ tests/test_model.py holds it, value and every gradient, to `nn.LSTM` over packed
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -44,13 +46,18 @@ def sorted_lstm(x: torch.Tensor, lengths: list[int], w_ih: torch.Tensor, w_hh: t
     return _SortedLSTM.apply(x, tuple(lengths), w_ih, w_hh, b_ih, b_hh)
 
 
+def rows_going(lengths: Sequence[int], steps: int) -> tuple[int, ...]:
+    """For lengths sorted longest first: how many rows are still going at each of `steps` steps."""
+    return tuple(sum(1 for n in lengths if n > t) for t in range(steps))
+
+
 class _SortedLSTM(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, lengths, w_ih, w_hh, b_ih, b_hh):
         batch, width, _ = x.shape
         hidden = w_hh.size(1)
-        steps = lengths[0] if lengths else 0
-        active = [sum(1 for n in lengths if n > t) for t in range(steps)]   # rows still going at step t
+        steps = lengths[0]
+        active = rows_going(lengths, steps)                                # rows still going at step t
         x_t = x[:, :steps].transpose(0, 1).contiguous()                    # (steps, batch, in)
         pre = addmm_t(b_ih + b_hh, x_t.view(steps * batch, -1), w_ih).view(steps, batch, -1)  # (steps, batch, 4h)
         hs = x.new_empty(steps + 1, batch, hidden)                         # h before step t (and after the last)
