@@ -11,8 +11,9 @@ length and cut at every length some sentence ends at: each segment of steps runs
 densely over the sentences still going, from the states where the previous segment
 stopped, and the backward direction reads each sentence reversed within its length.
 Batches come from length buckets, so the first segment holds most of the work. In
-float32 training each direction is instead one autograd node with its backward pass
-written out (lstm.py), which saves the kernel calls' fixed costs.
+float32 training a layer's directions are instead one autograd node with its backward pass
+written out (lstm.py), which saves the kernel calls' fixed costs and steps both directions
+with one batch product and one set of elementwise operations.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class Encoder(nn.Module):
     def segmented(self, emb: torch.Tensor, src_len: torch.Tensor
                   ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """`packed`'s results from dense LSTM kernel calls over length segments (with gradients
-        outside autocast: from `lstm.sorted_lstm`, one autograd node per direction).
+        outside autocast: from `lstm.sorted_lstm`, one autograd node for a layer's directions).
 
         emb: (batch, src_len, emb) -> outputs (batch, src_len, dirs*hidden) zero at padding,
         (h_n, c_n) each (dirs*layers, batch, hidden).
@@ -114,21 +115,22 @@ class Encoder(nn.Module):
         for layer in range(self.num_layers):
             if layer > 0 and self.lstm.dropout and self.training:
                 x = dropout(x, self.lstm.dropout)
-            outs = []
-            for direction in range(self.num_directions):
-                suffix = f"l{layer}" + ("_reverse" if direction else "")
-                weights = tuple(getattr(self.lstm, f"{kind}_{suffix}") for kind in
-                                ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                if low is not None:
-                    weights = tuple(w.to(low) for w in weights)
-                inp = x if direction == 0 else _gather_time(x, reverse)
-                if low is None and torch.is_grad_enabled():
-                    out, h, c = sorted_lstm(inp, ordered, *weights)       # one autograd node (lstm.py)
-                else:
-                    out, h, c = _run_segments(inp, ordered, weights, self.training)
-                outs.append(out if direction == 0 else _gather_time(out, reverse))
-                finals_h.append(h)
-                finals_c.append(c)
+            weights = [tuple(getattr(self.lstm, f"{kind}_l{layer}{suffix}") for kind in
+                             ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                       for suffix in ("", "_reverse")[:self.num_directions]]
+            if low is not None:
+                weights = [tuple(w.to(low) for w in ws) for ws in weights]
+            inputs = [x, _gather_time(x, reverse)] if reverse is not None else [x]
+            if low is None and torch.is_grad_enabled():                   # the directions as one autograd node (lstm.py)
+                out, h, c = sorted_lstm(torch.stack(inputs), ordered, *(torch.stack(w) for w in zip(*weights)))
+                outs, hs, cs = list(out.unbind(0)), h.unbind(0), c.unbind(0)  # each (batch, width, hidden), (batch, hidden)
+            else:
+                outs, hs, cs = zip(*(_run_segments(inp, ordered, ws, self.training) for inp, ws in zip(inputs, weights)))
+                outs = list(outs)
+            if reverse is not None:
+                outs[1] = _gather_time(outs[1], reverse)
+            finals_h.extend(hs)
+            finals_c.extend(cs)
             x = torch.cat(outs, dim=2) if len(outs) > 1 else outs[0]       # (batch, width, dirs*hidden)
         unsort = torch.argsort(order).to(emb.device)
         outputs = x.index_select(0, unsort)

@@ -122,6 +122,37 @@ def add_mm_tn_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return c.addmm_(a.t(), b)
 
 
+def prepare_t(w: torch.Tensor) -> torch.Tensor:
+    """w (d, n, k), a stack of d matrices, in the form `bmm_t` multiplies by its transpose: made once
+    per pass. The BLAS batch product runs fastest with a contiguous right operand (d, k, n); oneDNN
+    multiplies by each w[d] as laid out."""
+    return w.contiguous() if _routed(w) else w.transpose(1, 2).contiguous()
+
+
+def bmm_t(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor | None = None,
+          out: torch.Tensor | None = None) -> torch.Tensor:
+    """c + a[d] (m, k) @ W[d]^T for each d, into `out` if given, where w = prepare_t(W).
+
+    One batch product for all d: for an encoder step's two directions (64 x 256 @ 256 x 1024 each,
+    Xeon, 2 threads) 221 us against 410 us for two `torch.addmm(c, a, W.T)`.
+    """
+    if _routed(a, w):
+        y = torch.stack([_lp(a[d], w[d]) for d in range(a.size(0))])            # (d, m, n)
+        if c is not None:
+            y.add_(c)
+        return y if out is None else out.copy_(y)
+    if c is None:
+        return torch.bmm(a, w, out=out)
+    return torch.baddbmm(c, a, w, out=out)
+
+
+def bmm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a[d] (r, m)^T @ b[d] (r, k) for each d -> (d, m, k): a stack of weight gradients."""
+    if _routed(a, b):
+        return torch.stack([mm_tn(a[d], b[d]) for d in range(a.size(0))])
+    return torch.bmm(a.transpose(1, 2), b)
+
+
 class _Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight):

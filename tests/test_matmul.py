@@ -54,6 +54,31 @@ def test_onednn_products_equal_torch_mm(onednn):
         matmul.mm_t(a, b.t())
 
 
+@pytest.mark.parametrize("route", [False, pytest.param(True, marks=needs_onednn)])
+def test_batched_products_equal_one_product_per_matrix(route, monkeypatch):
+    # an encoder layer's directions: a stack of products, on strided slices as the LSTM steps use them
+    monkeypatch.setattr(matmul, "enabled", lambda: route)
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(2, 9, 30, 50, generator=g)[:, 4, :21]                 # (2, 21, 50), batches strided
+    w = torch.randn(2, 23, 50, generator=g)
+    c = torch.randn(2, 40, 23, generator=g)[:, :21]
+    b = torch.randn(2, 21, 11, generator=g)
+    close = dict(atol=1e-5, rtol=1e-5)
+    prepared = matmul.prepare_t(w)
+    assert prepared.is_contiguous()
+    torch.testing.assert_close(matmul.bmm_t(a, prepared), a @ w.transpose(1, 2), **close)
+    torch.testing.assert_close(matmul.bmm_t(a, prepared, c), c + a @ w.transpose(1, 2), **close)
+    bias = c[:, :1]                                                        # (2, 1, 23): a bias row per matrix
+    torch.testing.assert_close(matmul.bmm_t(a, prepared, bias), bias + a @ w.transpose(1, 2), **close)
+    out = torch.zeros(2, 30, 23)
+    matmul.bmm_t(a, prepared, out=out[:, 3:24])                           # into a strided slice
+    torch.testing.assert_close(out[:, 3:24], a @ w.transpose(1, 2), **close)
+    assert not out[:, :3].any() and not out[:, 24:].any()
+    torch.testing.assert_close(matmul.bmm_tn(a, b), a.transpose(1, 2) @ b, **close)
+    m = torch.randn(2, 50, 13, generator=g)                                # a @ m through its transpose
+    torch.testing.assert_close(matmul.bmm_t(a, matmul.prepare_t(m.transpose(1, 2))), a @ m, **close)
+
+
 @needs_onednn
 def test_linear_through_onednn_has_the_gradients_of_f_linear(onednn):
     g = torch.Generator().manual_seed(1)

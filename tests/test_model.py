@@ -192,12 +192,16 @@ def test_word_dropout_reaches_both_embeddings_in_training_only(input_feeding, mo
 @pytest.mark.parametrize("layers,bidirectional", [(1, True), (1, False), (2, True), (3, False)])
 def test_segmented_encoder_equals_nn_lstm_over_packed_sequences(layers, bidirectional, kernels, monkeypatch):
     # outputs, final states and every gradient, with lengths from 1 to the full width in any order;
-    # training runs each direction as lstm.sorted_lstm, or (kernels) as fused LSTM kernels over
-    # length segments, as under bfloat16 autocast
+    # training runs a layer's directions as lstm.sorted_lstm, or (kernels) each as fused LSTM kernels
+    # over length segments, as under bfloat16 autocast
     if kernels:
         from seq2seq import encoder as encoder_module
-        monkeypatch.setattr(encoder_module, "sorted_lstm",
-                            lambda x, lengths, *w: encoder_module._run_segments(x, lengths, w, True))
+
+        def segments(x, lengths, *stacked):
+            runs = [encoder_module._run_segments(x[d], lengths, tuple(w[d] for w in stacked), True)
+                    for d in range(x.size(0))]
+            return tuple(torch.stack(parts) for parts in zip(*runs))
+        monkeypatch.setattr(encoder_module, "sorted_lstm", segments)
     torch.manual_seed(layers)
     enc = Encoder(50, 8, 6, layers, bidirectional).double()
     src, src_len = random_sources([9, 1, 4, 9, 6, 4, 2], 50, seed=2)
@@ -290,15 +294,19 @@ def test_cpu_dropout_masks_drop_at_the_rate_in_every_lane_of_a_random_word(p):
 def test_sorted_lstm_names_unsorted_or_too_long_lengths():
     from seq2seq.lstm import sorted_lstm
     lstm = nn.LSTM(3, 4)
-    w = (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)
+    w = [p.unsqueeze(0) for p in (lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.bias_ih_l0, lstm.bias_hh_l0)]
     with pytest.raises(ValueError, match=r"lengths must be non-increasing and at most the width 5, got \[2, 3\]"):
-        sorted_lstm(torch.zeros(2, 5, 3), [2, 3], *w)
+        sorted_lstm(torch.zeros(1, 2, 5, 3), [2, 3], *w)
     with pytest.raises(ValueError, match=r"at most the width 5, got \[6, 1\]"):
-        sorted_lstm(torch.zeros(2, 5, 3), [6, 1], *w)
+        sorted_lstm(torch.zeros(1, 2, 5, 3), [6, 1], *w)
     with pytest.raises(ValueError, match=r"one length per row of x \(2\), got 1"):
-        sorted_lstm(torch.zeros(2, 5, 3), [2], *w)
-    out, h, c = sorted_lstm(torch.zeros(2, 5, 3), [0, 0], *w)               # nothing to run: zeros
-    assert out.shape == (2, 5, 4) and not out.any() and not h.any() and not c.any()
+        sorted_lstm(torch.zeros(1, 2, 5, 3), [2], *w)
+    with pytest.raises(ValueError, match=r"x must be \(dirs, batch, width, in\) and w_ih \(dirs, 4h, in\), "
+                                         r"got \(2, 5, 3\) and \(1, 16, 3\)"):
+        sorted_lstm(torch.zeros(2, 5, 3), [2, 1], *w)
+    out, h, c = sorted_lstm(torch.zeros(1, 2, 5, 3), [0, 0], *w)            # nothing to run: zeros
+    assert out.shape == (1, 2, 5, 4) and not out.any() and not h.any() and not c.any()
+    assert h.shape == c.shape == (1, 2, 4)
 
 
 def test_float32_encoder_training_through_onednn_products_equals_packed_sequences(monkeypatch):
