@@ -47,14 +47,6 @@ class Spec:
     active: tuple[int, ...]        # per step, the rows still going (rows come sorted by length)
 
 
-def _mm_dtype(x: torch.Tensor) -> torch.dtype:
-    """bfloat16/float16 under autocast (for float32 inputs), else the inputs' own dtype."""
-    device = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
-
-
 def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, memory,
                    lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`Decoder._step` over all target steps; returns what the step-by-step loop stacks.
@@ -81,10 +73,8 @@ def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, 
     order = None
     # not where oneDNN multiplies (bfloat16 autocast, or float32 on AMD CPUs with AVX-512): it
     # compiles a kernel for every new row count, and each step would bring one
-    mm_dtype = _mm_dtype(embedded)
-    onednn = embedded.device.type == "cpu" and (
-        mm_dtype not in (torch.float32, torch.float64) or (mm_dtype == torch.float32 and matmul.enabled()))
-    if lengths is not None and not onednn and bool((lengths < steps).any()):
+    mm_dtype = matmul.product_dtype(embedded)
+    if lengths is not None and not matmul.onednn_multiplies(embedded) and bool((lengths < steps).any()):
         order = torch.argsort(lengths, descending=True, stable=True)             # longest first
         active = rows_going(lengths[order].tolist(), steps)
         embedded, feed = embedded.index_select(0, order), feed.index_select(0, order)

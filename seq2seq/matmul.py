@@ -173,13 +173,28 @@ class _Linear(torch.autograd.Function):
 ROW_MULTIPLE = 128
 
 
+def product_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a product of x runs in: the autocast dtype for a float32 x under autocast on its
+    device, else x's own."""
+    device = x.device.type
+    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+def onednn_multiplies(x: torch.Tensor) -> bool:
+    """Whether a CPU product of x runs in oneDNN, which compiles a kernel for each shape it meets:
+    in bfloat16 or float16, or in float32 routed here (`enabled()`)."""
+    if x.device.type != "cpu" or x.layout != torch.strided:
+        return False
+    dtype = product_dtype(x)
+    return dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and enabled())
+
+
 def pad_rows(x: torch.Tensor) -> torch.Tensor:
     """x (rows, k) with zero rows appended up to a multiple of ROW_MULTIPLE where oneDNN multiplies it
-    (a CPU tensor under bfloat16 autocast, or float32 routed here); x itself elsewhere."""
-    if x.dim() != 2 or x.device.type != "cpu" or x.size(0) % ROW_MULTIPLE == 0:
-        return x
-    if not ((torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-            or x.dtype == torch.bfloat16 or _routed(x)):
+    (`onednn_multiplies`); x itself elsewhere."""
+    if x.dim() != 2 or x.size(0) % ROW_MULTIPLE == 0 or not onednn_multiplies(x):
         return x
     return F.pad(x, (0, 0, 0, -x.size(0) % ROW_MULTIPLE))                              # (rows', k)
 

@@ -54,6 +54,22 @@ def test_onednn_products_equal_torch_mm(onednn):
         matmul.mm_t(a, b.t())
 
 
+@pytest.mark.parametrize("route", [False, True])
+def test_one_rule_says_where_onednn_multiplies_for_padding_and_row_skipping(route, monkeypatch):
+    # pad_rows (the output layer) and the decoder's row skipping (bptt.py) both follow it
+    monkeypatch.setattr(matmul, "enabled", lambda: route)
+    x = torch.zeros(13, 4)
+    assert matmul.onednn_multiplies(x) is route and matmul.product_dtype(x) == torch.float32
+    assert (matmul.pad_rows(x).size(0) == matmul.ROW_MULTIPLE) is route
+    for dtype in (torch.bfloat16, torch.float16):
+        assert matmul.onednn_multiplies(x.to(dtype)) and matmul.pad_rows(x.to(dtype)).size(0) == matmul.ROW_MULTIPLE
+    assert not matmul.onednn_multiplies(x.double()) and matmul.pad_rows(x.double()).size(0) == 13
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert matmul.product_dtype(x) == torch.bfloat16 and matmul.onednn_multiplies(x)
+        assert matmul.product_dtype(x.double()) == torch.float64 and not matmul.onednn_multiplies(x.double())
+    assert not matmul.onednn_multiplies(x.to_sparse())
+
+
 @pytest.mark.parametrize("route", [False, pytest.param(True, marks=needs_onednn)])
 def test_batched_products_equal_one_product_per_matrix(route, monkeypatch):
     # an encoder layer's directions: a stack of products, on strided slices as the LSTM steps use them
