@@ -8,8 +8,8 @@ Multi30k, 9 or 10 at 64), each with a fixed cost, most of it in its backward pas
 - the input's share of the gates is one product for all steps, biases included;
 - step t multiplies only the rows still going (rows come sorted, longest first), and a
   row's final state is the one after its own last step;
-- the directions step together: one batch product and one set of elementwise operations
-  a step for both (the backward direction reads each row reversed within its length, so
+- the directions step together: one batch product (where MKL multiplies) and one set of
+  elementwise operations a step for both (the backward direction reads each row reversed within its length, so
   the same rows are going at each step);
 - the backward pass keeps each step's gate gradients and forms the weight and input
   gradients with one product each over all steps; the gates' derivatives are formed for
@@ -42,9 +42,11 @@ def sorted_lstm(x: torch.Tensor, lengths: list[int], w_ih: torch.Tensor, w_hh: t
         outputs (dirs, batch, width, h), zero past each row's length; h and c (dirs, batch, h)
         after each row's last step (zero for a row of length 0).
     """
-    if x.dim() != 4 or w_ih.dim() != 3 or w_ih.size(0) != x.size(0):
-        raise ValueError(f"x must be (dirs, batch, width, in) and w_ih (dirs, 4h, in), "
-                         f"got {tuple(x.shape)} and {tuple(w_ih.shape)}")
+    if (x.dim() != 4 or w_ih.dim() != 3 or w_hh.dim() != 3 or b_ih.dim() != 2 or b_hh.dim() != 2
+            or not x.size(0) == w_ih.size(0) == w_hh.size(0) == b_ih.size(0) == b_hh.size(0)):
+        raise ValueError(f"x must be (dirs, batch, width, in), w_ih (dirs, 4h, in), w_hh (dirs, 4h, h), b_ih "
+                         f"and b_hh (dirs, 4h), got {tuple(x.shape)}, {tuple(w_ih.shape)}, {tuple(w_hh.shape)}, "
+                         f"{tuple(b_ih.shape)} and {tuple(b_hh.shape)}")
     if len(lengths) != x.size(1):
         raise ValueError(f"lengths must give one length per row of x ({x.size(1)}), got {len(lengths)}")
     if any(a < b for a, b in zip(lengths, lengths[1:])) or (lengths and lengths[0] > x.size(2)):

@@ -14,10 +14,13 @@ What a training step multiplies, each in the layout it already has:
   backward ones with `transposed(w)`, a copy made once per pass);
 - `mm_tn(a, b)` = a.T @ b (weight gradients, through oneDNN's weight-gradient kernel, which
   reads both operands as laid out: the forward kernel would need copies of both transposed);
-- `linear(x, w)` = F.linear(x, w) with autograd (the output layer).
+- `linear(x, w)` = F.linear(x, w) with autograd (the output layer);
+- `bmm_t(a, prepare_t(w))` = a[d] @ w[d].T and `bmm_tn(a, b)` = a[d].T @ b[d] for a stack of d
+  matrices (an encoder layer's directions): one batch product on the plain path, one product
+  per matrix on the oneDNN path.
 
-Each takes the oneDNN path when `enabled()` and every operand is a dense float32 CPU tensor
-outside autocast, and is the plain torch product otherwise (bfloat16 products already run in
+Each takes the oneDNN path when `enabled()` and every operand multiplied is a dense float32 CPU
+tensor outside autocast, and is the plain torch product otherwise (bfloat16 products already run in
 oneDNN). The choice is made once per process:
 
 - `SEQ2SEQ_FLOAT32_MATMUL=auto` (default): oneDNN on a non-Intel CPU with AVX-512, where it was
@@ -29,6 +32,7 @@ from __future__ import annotations
 
 import functools
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -122,32 +126,47 @@ def add_mm_tn_(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tenso
     return c.addmm_(a.t(), b)
 
 
-def prepare_t(w: torch.Tensor) -> torch.Tensor:
-    """w (d, n, k), a stack of d matrices, in the form `bmm_t` multiplies by its transpose: made once
-    per pass. The BLAS batch product runs fastest with a contiguous right operand (d, k, n); oneDNN
-    multiplies by each w[d] as laid out."""
-    return w.contiguous() if _routed(w) else w.transpose(1, 2).contiguous()
+class Prepared(NamedTuple):
+    """A stack of matrices (d, n, k) in the layout `bmm_t` multiplies by: made once per pass."""
+
+    w: torch.Tensor  # (d, n, k) as given where oneDNN multiplies, else its transpose (d, k, n), contiguous
+    onednn: bool
 
 
-def bmm_t(a: torch.Tensor, w: torch.Tensor, c: torch.Tensor | None = None,
+def prepare_t(w: torch.Tensor) -> Prepared:
+    """w (d, n, k) for `bmm_t`: the BLAS batch product runs fastest with a contiguous right operand
+    (d, k, n); oneDNN multiplies by each w[d] as laid out."""
+    if _routed(w):
+        return Prepared(w.contiguous(), True)
+    return Prepared(w.transpose(1, 2).contiguous(), False)
+
+
+def bmm_t(a: torch.Tensor, w: Prepared, c: torch.Tensor | None = None,
           out: torch.Tensor | None = None) -> torch.Tensor:
-    """c + a[d] (m, k) @ W[d]^T for each d, into `out` if given, where w = prepare_t(W).
+    """c + a[d] (m, k) @ W[d]^T for each d, into `out` if given, where w = prepare_t(W); c broadcasts
+    to (d, m, n).
 
-    One batch product for all d: for an encoder step's two directions (64 x 256 @ 256 x 1024 each,
-    Xeon, 2 threads) 221 us against 410 us for two `torch.addmm(c, a, W.T)`.
+    On the plain path one batch product for all d: for an encoder step's two directions
+    (64 x 256 @ 256 x 1024 each, Xeon, 2 threads) 221 us against 410 us for two
+    `torch.addmm(c, a, W.T)`. oneDNN multiplies each matrix on its own.
     """
-    if _routed(a, w):
-        y = torch.stack([_lp(a[d], w[d]) for d in range(a.size(0))])            # (d, m, n)
+    k = w.w.size(2) if w.onednn else w.w.size(1)
+    if a.dim() != 3 or a.size(0) != w.w.size(0) or a.size(2) != k:
+        raise RuntimeError(f"bmm_t: a must be (d, m, {k}) for {w.w.size(0)} prepared matrices, got {tuple(a.shape)}")
+    if w.onednn:
+        y = torch.stack([_lp(a[d], w.w[d]) for d in range(a.size(0))])          # (d, m, n)
         if c is not None:
             y.add_(c)
         return y if out is None else out.copy_(y)
     if c is None:
-        return torch.bmm(a, w, out=out)
-    return torch.baddbmm(c, a, w, out=out)
+        return torch.bmm(a, w.w, out=out)
+    return torch.baddbmm(c, a, w.w, out=out)
 
 
 def bmm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a[d] (r, m)^T @ b[d] (r, k) for each d -> (d, m, k): a stack of weight gradients."""
+    if a.size(0) != b.size(0):
+        raise RuntimeError(f"bmm_tn: a and b must hold as many matrices, got {tuple(a.shape)} and {tuple(b.shape)}")
     if _routed(a, b):
         return torch.stack([mm_tn(a[d], b[d]) for d in range(a.size(0))])
     return torch.bmm(a.transpose(1, 2), b)
@@ -184,7 +203,9 @@ def product_dtype(x: torch.Tensor) -> torch.dtype:
 
 def onednn_multiplies(x: torch.Tensor) -> bool:
     """Whether a CPU product of x runs in oneDNN, which compiles a kernel for each shape it meets:
-    in bfloat16 or float16, or in float32 routed here (`enabled()`)."""
+    in bfloat16 or float16, or in float32 routed here (`enabled()`). (PyTorch sends bfloat16 and
+    float16 products to oneDNN where the CPU has instructions for them; elsewhere padding rows
+    for it only costs their share of the product.)"""
     if x.device.type != "cpu" or x.layout != torch.strided:
         return False
     dtype = product_dtype(x)

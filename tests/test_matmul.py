@@ -55,8 +55,9 @@ def test_onednn_products_equal_torch_mm(onednn):
 
 
 @pytest.mark.parametrize("route", [False, True])
-def test_one_rule_says_where_onednn_multiplies_for_padding_and_row_skipping(route, monkeypatch):
-    # pad_rows (the output layer) and the decoder's row skipping (bptt.py) both follow it
+def test_one_rule_says_where_onednn_multiplies(route, monkeypatch):
+    # pad_rows (the output layer), here, and the decoder's row skipping (bptt.py; test_bptt.py's
+    # test_rows_run_to_the_end_where_onednn_would_compile_a_kernel_per_row_count) follow it
     monkeypatch.setattr(matmul, "enabled", lambda: route)
     x = torch.zeros(13, 4)
     assert matmul.onednn_multiplies(x) is route and matmul.product_dtype(x) == torch.float32
@@ -81,7 +82,8 @@ def test_batched_products_equal_one_product_per_matrix(route, monkeypatch):
     b = torch.randn(2, 21, 11, generator=g)
     close = dict(atol=1e-5, rtol=1e-5)
     prepared = matmul.prepare_t(w)
-    assert prepared.is_contiguous()
+    assert prepared.onednn is route and prepared.w.is_contiguous()       # the path asked for ran
+    assert prepared.w.shape == (w.shape if route else w.transpose(1, 2).shape)
     torch.testing.assert_close(matmul.bmm_t(a, prepared), a @ w.transpose(1, 2), **close)
     torch.testing.assert_close(matmul.bmm_t(a, prepared, c), c + a @ w.transpose(1, 2), **close)
     bias = c[:, :1]                                                        # (2, 1, 23): a bias row per matrix
@@ -90,6 +92,12 @@ def test_batched_products_equal_one_product_per_matrix(route, monkeypatch):
     matmul.bmm_t(a, prepared, out=out[:, 3:24])                           # into a strided slice
     torch.testing.assert_close(out[:, 3:24], a @ w.transpose(1, 2), **close)
     assert not out[:, :3].any() and not out[:, 24:].any()
+    matmul.bmm_t(a, prepared, bias, out=out[:, 3:24])                     # both
+    torch.testing.assert_close(out[:, 3:24], bias + a @ w.transpose(1, 2), **close)
+    with pytest.raises(RuntimeError, match=r"bmm_t: a must be \(d, m, 50\) for 2 prepared matrices, got \(3, 21, 50\)"):
+        matmul.bmm_t(torch.zeros(3, 21, 50), prepared)
+    with pytest.raises(RuntimeError, match=r"bmm_tn: a and b must hold as many matrices"):
+        matmul.bmm_tn(a, b[:1])
     torch.testing.assert_close(matmul.bmm_tn(a, b), a.transpose(1, 2) @ b, **close)
     m = torch.randn(2, 50, 13, generator=g)                                # a @ m through its transpose
     torch.testing.assert_close(matmul.bmm_t(a, matmul.prepare_t(m.transpose(1, 2))), a @ m, **close)

@@ -301,12 +301,28 @@ def test_sorted_lstm_names_unsorted_or_too_long_lengths():
         sorted_lstm(torch.zeros(1, 2, 5, 3), [6, 1], *w)
     with pytest.raises(ValueError, match=r"one length per row of x \(2\), got 1"):
         sorted_lstm(torch.zeros(1, 2, 5, 3), [2], *w)
-    with pytest.raises(ValueError, match=r"x must be \(dirs, batch, width, in\) and w_ih \(dirs, 4h, in\), "
-                                         r"got \(2, 5, 3\) and \(1, 16, 3\)"):
+    with pytest.raises(ValueError, match=r"x must be \(dirs, batch, width, in\), w_ih \(dirs, 4h, in\), .*"
+                                         r"got \(2, 5, 3\), \(1, 16, 3\), \(1, 16, 4\), \(1, 16\) and \(1, 16\)"):
         sorted_lstm(torch.zeros(2, 5, 3), [2, 1], *w)
+    with pytest.raises(ValueError, match=r"got \(1, 2, 5, 3\), \(1, 16, 3\), \(1, 16, 4\), \(16,\) and \(1, 16\)"):
+        sorted_lstm(torch.zeros(1, 2, 5, 3), [2, 1], w[0], w[1], w[2][0], w[3])  # a bias not stacked
     out, h, c = sorted_lstm(torch.zeros(1, 2, 5, 3), [0, 0], *w)            # nothing to run: zeros
     assert out.shape == (1, 2, 5, 4) and not out.any() and not h.any() and not c.any()
     assert h.shape == c.shape == (1, 2, 4)
+
+
+def test_sorted_lstm_gradients_with_a_row_of_length_zero():
+    # a length the packed nn.LSTM reference cannot take (0): finite differences, and that row's
+    # outputs and states are zero
+    from seq2seq.lstm import sorted_lstm
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    w = [torch.randn(*s, generator=g, dtype=torch.float64, requires_grad=True)
+         for s in ((2, 8, 3), (2, 8, 2), (2, 8), (2, 8))]
+    assert torch.autograd.gradcheck(lambda *t: sorted_lstm(t[0], [3, 1, 0], *t[1:]), (x, *w))
+    out, h, c = sorted_lstm(x, [3, 1, 0], *w)
+    assert not out[:, 2].any() and not out[:, 1, 1:].any() and out[:, 1, 0].all()
+    assert not h[:, 2].any() and not c[:, 2].any() and h[:, :2].all()
 
 
 def test_float32_encoder_training_through_onednn_products_equals_packed_sequences(monkeypatch):
