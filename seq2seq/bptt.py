@@ -70,10 +70,10 @@ def teacher_forced(decoder, embedded: torch.Tensor, hidden, feed: torch.Tensor, 
         type(attention).__name__]
     p = decoder.cells.dropout.p if decoder.cells.training else 0.0
     batch, steps = embedded.shape[:2]
+    mm_dtype = matmul.product_dtype(embedded)
     order = None
     # not where oneDNN multiplies (matmul.onednn_multiplies: bfloat16 autocast, or float32 on AMD
     # CPUs with AVX-512): it compiles a kernel for every new row count, and each step would bring one
-    mm_dtype = matmul.product_dtype(embedded)
     if lengths is not None and not matmul.onednn_multiplies(embedded) and bool((lengths < steps).any()):
         order = torch.argsort(lengths, descending=True, stable=True)             # longest first
         active = rows_going(lengths[order].tolist(), steps)

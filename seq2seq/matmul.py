@@ -208,8 +208,7 @@ def onednn_multiplies(x: torch.Tensor) -> bool:
     for it only costs their share of the product.)"""
     if x.device.type != "cpu" or x.layout != torch.strided:
         return False
-    dtype = product_dtype(x)
-    return dtype in (torch.bfloat16, torch.float16) or (dtype == torch.float32 and enabled())
+    return product_dtype(x) in (torch.bfloat16, torch.float16) or _routed(x)
 
 
 def pad_rows(x: torch.Tensor) -> torch.Tensor:
