@@ -32,7 +32,7 @@ import torch
 from . import energy as bahdanau_energy
 from . import matmul
 from .dropout import dropout_mask
-from .lstm import rows_going
+from .lstm import cell_derivatives, roll_gates, rows_going
 from .matmul import addmm_t, mm_t, mm_tn, transposed
 
 
@@ -131,15 +131,16 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
     value_size = values.size(2)
     dev = embedded.device
 
+    # the gates run in the order o, i, f, g (lstm.roll_gates): one sigmoid for o, i, f
     # layer 0: the embedding's share of the gates for all steps at once, biases included
     w_ih0, _, b_ih0, b_hh0 = params[0]
     emb_t = embedded.transpose(0, 1).reshape(steps * batch, emb_size).to(cdt)   # (steps*batch, emb)
-    w_emb = w_ih0[:, :emb_size].to(cdt)                                            # (4h0, emb)
-    pre0 = addmm_t((b_ih0 + b_hh0).to(cdt), emb_t, w_emb).view(steps, batch, -1)   # (steps, batch, 4h0)
+    w_emb = roll_gates(w_ih0[:, :emb_size].to(cdt), 1, 0)                          # (4h0, emb)
+    pre0 = addmm_t(roll_gates((b_ih0 + b_hh0).to(cdt), 1, 0), emb_t, w_emb).view(steps, batch, -1)  # (steps, batch, 4h0)
     # per layer: [input; h] @ [W_ih; W_hh]^T, the input being the previous attentional vector for layer 0
-    w_cat = [torch.cat([(w_ih[:, emb_size:] if i == 0 else w_ih), w_hh], 1).to(cdt)
+    w_cat = [roll_gates(torch.cat([(w_ih[:, emb_size:] if i == 0 else w_ih), w_hh], 1).to(cdt), 1, 0)
              for i, (w_ih, w_hh, _, _) in enumerate(params)]                        # (4h, in + h)
-    biases = [None] + [(b_ih + b_hh).to(cdt) for _, _, b_ih, b_hh in params[1:]]
+    biases = [None] + [roll_gates((b_ih + b_hh).to(cdt), 1, 0) for _, _, b_ih, b_hh in params[1:]]
     z = [torch.empty(steps + 1, batch, in_sizes[i] + sizes[i], dtype=cdt, device=dev)
          for i in range(len(sizes))]                                               # cell inputs per step
     cs = [torch.empty(steps + 1, batch, sizes[i], dtype=f32, device=dev) for i in range(len(sizes))]
@@ -178,14 +179,11 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
             else:
                 gates = addmm_t(biases[i], z[i][t, :n], w_cat[i])
             act = acts[i][t, :n]
-            torch.sigmoid(gates[:, :2 * h], out=act[:, :2 * h])
-            torch.tanh(gates[:, 2 * h:3 * h], out=act[:, 2 * h:3 * h])
-            torch.sigmoid(gates[:, 3 * h:], out=act[:, 3 * h:])
-            gate_i, gate_f, gate_g, gate_o = act.split(h, 1)
+            torch.sigmoid(gates[:, :3 * h], out=act[:, :3 * h])
+            torch.tanh(gates[:, 3 * h:], out=act[:, 3 * h:])
+            gate_o, gate_i, gate_f, gate_g = act.split(h, 1)
             c = torch.mul(gate_f, cs[i][t, :n], out=cs[i][t + 1, :n]).addcmul_(gate_i, gate_g)  # (n, h)
-            tc = torch.tanh(c, out=tanh_c[i][t, :n])
-            h_new = gate_o * tc                                                    # (n, h)
-            z[i][t + 1, :n, in_sizes[i]:] = h_new
+            h_new = torch.mul(gate_o, torch.tanh(c, out=tanh_c[i][t, :n]), out=z[i][t + 1, :n, in_sizes[i]:])  # (n, h)
             if i + 1 < len(sizes):
                 z[i + 1][t, :n, :in_sizes[i + 1]] = h_new if drop is None else h_new * drop[i + 1][t, :n]
         query = z[-1][t + 1, :n, in_sizes[-1]:]                                    # (n, top) in cdt
@@ -260,14 +258,16 @@ def _backward(ctx, d_vectors):
     # the weights as the step products read them (contiguous copies on the oneDNN path)
     w_comb_t, w_cat_t = transposed(w_comb), [transposed(w) for w in w_cat]
     w_query_t = transposed(w_query) if bahdanau else None
+    # for all steps at once: the combine tanh's derivative, and each layer's gate derivatives
+    d_tanh_vec = 1 - vectors * vectors                                             # (steps, batch, out)
+    partners, d_c_of_h = zip(*(cell_derivatives(acts[i], cs[i][:steps], tanh_c[i]) for i in range(n)))
 
     for t in reversed(range(steps)):
         m = active[t]                                                              # rows going at step t
         if d_feed.size(0) < m:
             d_h, d_c = [_grow(g, m) for g in d_h], [_grow(g, m) for g in d_c]
             d_feed = _grow(d_feed, m)
-        vec = vectors[t, :m]
-        d_pre = (d_vec[t, :m] + d_feed).mul_(1 - vec * vec)                        # (m, out)
+        d_pre = (d_vec[t, :m] + d_feed).mul_(d_tanh_vec[t, :m])                    # (m, out)
         d_comb_pre[t, :m] = d_pre
         d_row = mm_t(d_comb_pre[t, :m], w_comb_t, out=d_combined[t, :m])           # (m, enc_out + top)
         d_context = d_row[:, :value_size]
@@ -289,16 +289,13 @@ def _backward(ctx, d_vectors):
         d_below = d_top
         for i in reversed(range(n)):
             h = sizes[i]
-            gate_i, gate_f, gate_g, gate_o = acts[i][t, :m].split(h, 1)
-            tc = tanh_c[i][t, :m]
-            dh = d_below
-            dc = (dh * gate_o).mul_(1 - tc * tc).add_(d_c[i])                       # (m, h)
-            dg = d_gates[i][t, :m]
-            dg[:, :h] = dc * gate_g * gate_i * (1 - gate_i)
-            dg[:, h:2 * h] = dc * cs[i][t, :m] * gate_f * (1 - gate_f)
-            dg[:, 2 * h:3 * h] = dc * gate_i * (1 - gate_g * gate_g)
-            dg[:, 3 * h:] = dh * tc * gate_o * (1 - gate_o)
-            d_c[i] = dc.mul_(gate_f)
+            dh = d_below                                                           # (m, h)
+            dc = d_c[i].addcmul_(dh, d_c_of_h[i][t, :m])                           # (m, h)
+            dg = d_gates[i][t, :m]                                                 # (m, 4h): o, i, f, g
+            p = partners[i][t, :m]
+            torch.mul(dh, p[:, :h], out=dg[:, :h])
+            torch.mul(dc.unsqueeze(1), p[:, h:].unflatten(1, (3, h)), out=dg[:, h:].unflatten(1, (3, h)))
+            d_c[i] = dc.mul_(acts[i][t, :m, 2 * h:3 * h])                           # times f
             d_in = mm_t(dg, w_cat_t[i]).to(f32)                                     # (batch, in + h)
             d_h[i] = d_in[:, in_sizes[i]:]
             if i > 0:
@@ -316,13 +313,14 @@ def _backward(ctx, d_vectors):
 
     grads_params = []
     for i in range(n):
-        dg = flat(d_gates[i])                                                      # (steps*batch, 4h)
+        dg = flat(d_gates[i])                                                      # (steps*batch, 4h): o, i, f, g
         d_wcat = mm_tn(dg, flat(z[i][:steps])).to(f32)                             # (4h, in + h)
-        d_b = dg.to(f32).sum(0)                                                    # (4h,)
-        d_wih = d_wcat[:, :in_sizes[i]]
         if i == 0:
-            d_wih = torch.cat([mm_tn(dg, emb_t).to(f32), d_wih], 1)                # (4h, emb + out)
-        grads_params += [d_wih, d_wcat[:, in_sizes[i]:], d_b, d_b.clone()]
+            d_wcat = torch.cat([mm_tn(dg, emb_t).to(f32), d_wcat], 1)              # (4h, emb + out + h)
+        d_wcat = roll_gates(d_wcat, -1, 0)                                          # back to i, f, g, o
+        d_b = roll_gates(dg.to(f32).sum(0), -1, 0)                                 # (4h,)
+        split = in_sizes[i] + (emb_size if i == 0 else 0)
+        grads_params += [d_wcat[:, :split], d_wcat[:, split:], d_b, d_b.clone()]
     d_emb = mm_t(flat(d_gates[0]), transposed(w_emb)).view(steps, batch, emb_size).transpose(0, 1)  # (batch, steps, emb)
     tops = combined[:, :, value_size:].transpose(0, 1)                             # (batch, steps, top)
     weights_c = weights.permute(1, 2, 0).to(cdt)                                   # (batch, src_len, steps)

@@ -62,11 +62,30 @@ def rows_going(lengths: Sequence[int], steps: int) -> tuple[int, ...]:
     return tuple(sum(1 for n in lengths if n > t) for t in range(steps))
 
 
-def _roll_gates(w: torch.Tensor, shift: int) -> torch.Tensor:
-    """w's gate blocks along dim 1 rolled by `shift`: nn.LSTM's i, f, g, o become o, i, f, g with 1
+def roll_gates(w: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
+    """w's gate blocks along `dim` rolled by `shift`: nn.LSTM's i, f, g, o become o, i, f, g with 1
     (and back with -1), so that one sigmoid covers the gates o, i, f in the forward pass and one
     product the gates i, f, g (all scaled by dc) in the backward pass."""
-    return w.unflatten(1, (4, -1)).roll(shift, 1).flatten(1, 2)
+    return w.unflatten(dim, (4, -1)).roll(shift, dim).flatten(dim, dim + 1)
+
+
+def cell_derivatives(acts: torch.Tensor, c_before: torch.Tensor, tanh_c: torch.Tensor):
+    """For a cell's steps, all at once: what each gate's gradient is dh (gate o) or dc (gates i, f,
+    g) times, the gate's partner in the cell update times the gate's own derivative; and dc/dh.
+
+    acts: (..., 4h) the gates o, i, f, g after their nonlinearities; c_before (..., h) the cell
+    state before the step, tanh_c (..., h) tanh of the one after. Returns (..., 4h) and (..., h).
+    """
+    h = tanh_c.size(-1)
+    sig = acts[..., :3 * h]                                                # o, i, f: partners tanh(c), g, c before
+    d_sig = sig - sig * sig                                                # sigmoid' = s (1 - s)
+    g = acts[..., 3 * h:]                                                  # g: partner i
+    partner = torch.empty_like(acts)
+    torch.mul(tanh_c, d_sig[..., :h], out=partner[..., :h])
+    torch.mul(g, d_sig[..., h:2 * h], out=partner[..., h:2 * h])
+    torch.mul(c_before, d_sig[..., 2 * h:], out=partner[..., 2 * h:3 * h])
+    torch.mul(acts[..., h:2 * h], 1 - g * g, out=partner[..., 3 * h:])     # tanh' = 1 - g^2
+    return partner, (1 - tanh_c * tanh_c).mul_(acts[..., :h])             # dc/dh = o (1 - tanh(c)^2)
 
 
 class _SortedLSTM(torch.autograd.Function):
@@ -76,10 +95,10 @@ class _SortedLSTM(torch.autograd.Function):
         hidden = w_hh.size(2)
         steps = lengths[0]
         active = rows_going(lengths, steps)                                # rows still going at step t
-        w_ih, w_hh = _roll_gates(w_ih, 1), _roll_gates(w_hh, 1)            # gates o, i, f, g from here on
+        w_ih, w_hh = roll_gates(w_ih, 1, 1), roll_gates(w_hh, 1, 1)        # gates o, i, f, g from here on
         x_t = x[:, :, :steps].transpose(1, 2).contiguous()                 # (dirs, steps, batch, in)
         pre = bmm_t(x_t.view(dirs, steps * batch, -1), prepare_t(w_ih),
-                    _roll_gates(b_ih + b_hh, 1).unsqueeze(1)).view(dirs, steps, batch, -1)  # (dirs, steps, batch, 4h)
+                    roll_gates(b_ih + b_hh, 1, 1).unsqueeze(1)).view(dirs, steps, batch, -1)  # (dirs, steps, batch, 4h)
         # a row's states stay zero past its length: the outputs are hs[:, 1:], and the weight
         # gradients may read them (their gate gradients are zero)
         hs = x.new_zeros(dirs, steps + 1, batch, hidden)                   # h before step t (and after the last)
@@ -110,22 +129,17 @@ class _SortedLSTM(torch.autograd.Function):
         active = ctx.active
         dirs, steps, batch, _ = x_t.shape
         hidden = w_hh.size(2)
-        # for all steps at once, what a gate's gradient is dh (for o) or dc (i, f, g) times:
-        # the gate's partner in the cell update times the gate's own derivative
-        partner = torch.cat((tanh_c, acts[..., 3 * hidden:], cs[:, :steps], acts[..., hidden:2 * hidden]), -1)
-        sig = acts[..., :3 * hidden]                                       # o, i, f: partners tanh(c), g, c before
-        partner[..., :3 * hidden].mul_(sig - sig * sig)                   # sigmoid' = s (1 - s)
-        g = acts[..., 3 * hidden:]                                         # g: partner i
-        partner[..., 3 * hidden:].mul_(1 - g * g)                          # tanh' = 1 - g^2
-        d_c_of_h = (1 - tanh_c * tanh_c).mul_(acts[..., :hidden])          # dc/dh = o (1 - tanh(c)^2)
+        partner, d_c_of_h = cell_derivatives(acts, cs[:, :steps], tanh_c)  # (dirs, steps, batch, 4h), (..., h)
         dh = d_h_end.clone()                                               # (dirs, batch, h) into the state after step t
         dc = d_c_end.clone()
-        d_gates = x_t.new_zeros(dirs, steps, batch, 4 * hidden)
+        d_gates = x_t.new_empty(dirs, steps, batch, 4 * hidden)            # rows past their ends set to zero below
         w = prepare_t(w_hh.transpose(1, 2))
         for t in reversed(range(steps)):
             n = active[t]
             dh_n = dh[:, :n].add_(d_out[:, :n, t])                         # (dirs, n, h)
             dc_n = dc[:, :n].addcmul_(dh_n, d_c_of_h[:, t, :n])            # (dirs, n, h)
+            if n < batch:
+                d_gates[:, t, n:] = 0
             dg = d_gates[:, t, :n]                                         # (dirs, n, 4h): o, i, f, g
             p = partner[:, t, :n]
             torch.mul(dh_n, p[..., :hidden], out=dg[..., :hidden])
@@ -136,10 +150,10 @@ class _SortedLSTM(torch.autograd.Function):
         flat = d_gates.view(dirs, steps * batch, -1)                       # (dirs, steps*batch, 4h)
         d_w_hh = bmm_tn(flat, hs[:, :steps].reshape(dirs, steps * batch, hidden))  # (dirs, 4h, h)
         d_w_ih = bmm_tn(flat, x_t.view(dirs, steps * batch, -1))          # (dirs, 4h, in)
-        d_b = _roll_gates(flat.sum(1), -1)                                 # (dirs, 4h), back to i, f, g, o
+        d_b = roll_gates(flat.sum(1), -1, 1)                               # (dirs, 4h), back to i, f, g, o
         d_x = None
         if ctx.needs_input_grad[0]:
             d_x = x_t.new_zeros(dirs, batch, ctx.width, x_t.size(3))
             d_x[:, :, :steps] = bmm_t(flat, prepare_t(w_ih.transpose(1, 2))).view(
                 dirs, steps, batch, -1).transpose(1, 2)
-        return d_x, None, _roll_gates(d_w_ih, -1), _roll_gates(d_w_hh, -1), d_b, d_b.clone()
+        return d_x, None, roll_gates(d_w_ih, -1, 1), roll_gates(d_w_hh, -1, 1), d_b, d_b.clone()
