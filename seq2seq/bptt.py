@@ -136,7 +136,8 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
     w_ih0, _, b_ih0, b_hh0 = params[0]
     emb_t = embedded.transpose(0, 1).reshape(steps * batch, emb_size).to(cdt)   # (steps*batch, emb)
     w_emb = roll_gates(w_ih0[:, :emb_size].to(cdt), 1, 0)                          # (4h0, emb)
-    pre0 = addmm_t(roll_gates((b_ih0 + b_hh0).to(cdt), 1, 0), emb_t, w_emb).view(steps, batch, -1)  # (steps, batch, 4h0)
+    b0 = roll_gates((b_ih0 + b_hh0).to(cdt), 1, 0)                                 # (4h0,)
+    pre0 = addmm_t(b0, emb_t, w_emb).view(steps, batch, -1)                        # (steps, batch, 4h0)
     # per layer: [input; h] @ [W_ih; W_hh]^T, the input being the previous attentional vector for layer 0
     w_cat = [roll_gates(torch.cat([(w_ih[:, emb_size:] if i == 0 else w_ih), w_hh], 1).to(cdt), 1, 0)
              for i, (w_ih, w_hh, _, _) in enumerate(params)]                        # (4h, in + h)
@@ -255,7 +256,7 @@ def _backward(ctx, d_vectors):
     d_h = [torch.zeros(last, h, dtype=f32, device=dev) for h in sizes]
     d_c = [torch.zeros(last, h, dtype=f32, device=dev) for h in sizes]
     d_feed = torch.zeros(last, out_size, dtype=f32, device=dev)
-    # the weights as the step products read them (contiguous copies on the oneDNN path)
+    # the weights as the step products read them: contiguous copies of their transposes
     w_comb_t, w_cat_t = transposed(w_comb), [transposed(w) for w in w_cat]
     w_query_t = transposed(w_query) if bahdanau else None
     # for all steps at once: the combine tanh's derivative, and each layer's gate derivatives

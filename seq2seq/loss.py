@@ -110,11 +110,8 @@ class _LabelSmoothedNLL(torch.autograd.Function):
                           device=logits.device)                        # (block, vocab), reused
         for block in _spans(rows, vocab, BLOCK_BYTES):
             x = _block(logits[block], bias, buf[:block.stop - block.start])  # (block, vocab)
-            picked = x.gather(1, target[block].unsqueeze(1)).squeeze(1)     # (block,)
-            mean = x.mean(1)                                                # (block,)
-            top = x.amax(1, keepdim=True)                                   # (block, 1)
-            z = torch.sum(x.sub_(top).exp_(), 1, out=lse[block]).log_().add_(top.squeeze(1))
-            total += (z - (1.0 - smoothing) * picked - smoothing * mean).sum()
+            loss, lse[block] = _block_loss(x, target[block], x.mean(1), smoothing, lse[block])
+            total += loss
         ctx.save_for_backward(logits, bias, target, lse)
         ctx.smoothing = smoothing
         return total
@@ -147,6 +144,16 @@ class _LabelSmoothedNLL(torch.autograd.Function):
             if buf is not None:
                 out[block] = p
         return out, (d_bias.to(bias.dtype) if d_bias is not None else None), None, None
+
+
+def _block_loss(e: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, smoothing: float,
+                sums: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed loss of a block of logits e (n, vocab) whose rows' mean logits are `mean` (n,),
+    and its rows' log-sum-exp (n,). e is overwritten with exp(e - max e) and its row sums go into sums (n,)."""
+    picked = e.gather(1, target.unsqueeze(1)).squeeze(1)                      # (n,)
+    top = e.amax(1, keepdim=True)                                              # (n, 1)
+    lse = torch.sum(e.sub_(top).exp_(), 1, out=sums).log().add_(top.squeeze(1))  # (n,)
+    return (lse - (1.0 - smoothing) * picked - smoothing * mean).sum(), lse
 
 
 def _block(logits: torch.Tensor, bias: torch.Tensor | None, dst: torch.Tensor) -> torch.Tensor:
@@ -182,10 +189,7 @@ class _OutputLayerNLL(torch.autograd.Function):
             e = z[:n]
             if bias is not None:
                 e.add_(bias)
-            picked = e.gather(1, target[span].unsqueeze(1)).squeeze(1)  # (n,)
-            top = e.amax(1, keepdim=True)                              # (n, 1)
-            lse = torch.sum(e.sub_(top).exp_(), 1, out=sums[span]).log().add_(top.squeeze(1))  # (n,)
-            total += (lse - (1.0 - smoothing) * picked - smoothing * mean[span]).sum()
+            total += _block_loss(e, target[span], mean[span], smoothing, sums[span])[0]
             if keep:
                 chunks.append((span, xc, z))
         ctx.save_for_backward(x, weight, target, sums)
