@@ -135,13 +135,13 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
     # layer 0: the embedding's share of the gates for all steps at once, biases included
     w_ih0, _, b_ih0, b_hh0 = params[0]
     emb_t = embedded.transpose(0, 1).reshape(steps * batch, emb_size).to(cdt)   # (steps*batch, emb)
-    w_emb = roll_gates(w_ih0[:, :emb_size].to(cdt), 1, 0)                          # (4h0, emb)
-    b0 = roll_gates((b_ih0 + b_hh0).to(cdt), 1, 0)                                 # (4h0,)
+    w_emb = roll_gates(w_ih0[:, :emb_size].to(cdt), 1, dim=0)                      # (4h0, emb)
+    b0 = roll_gates((b_ih0 + b_hh0).to(cdt), 1, dim=0)                             # (4h0,)
     pre0 = addmm_t(b0, emb_t, w_emb).view(steps, batch, -1)                        # (steps, batch, 4h0)
     # per layer: [input; h] @ [W_ih; W_hh]^T, the input being the previous attentional vector for layer 0
-    w_cat = [roll_gates(torch.cat([(w_ih[:, emb_size:] if i == 0 else w_ih), w_hh], 1).to(cdt), 1, 0)
+    w_cat = [roll_gates(torch.cat([(w_ih[:, emb_size:] if i == 0 else w_ih), w_hh], 1).to(cdt), 1, dim=0)
              for i, (w_ih, w_hh, _, _) in enumerate(params)]                        # (4h, in + h)
-    biases = [None] + [roll_gates((b_ih + b_hh).to(cdt), 1, 0) for _, _, b_ih, b_hh in params[1:]]
+    biases = [None] + [roll_gates((b_ih + b_hh).to(cdt), 1, dim=0) for _, _, b_ih, b_hh in params[1:]]
     z = [torch.empty(steps + 1, batch, in_sizes[i] + sizes[i], dtype=cdt, device=dev)
          for i in range(len(sizes))]                                               # cell inputs per step
     cs = [torch.empty(steps + 1, batch, sizes[i], dtype=f32, device=dev) for i in range(len(sizes))]
@@ -184,9 +184,10 @@ def _forward(ctx, spec: Spec, embedded, feed, values, keys, mask, tensors):
             torch.tanh(gates[:, 3 * h:], out=act[:, 3 * h:])
             gate_o, gate_i, gate_f, gate_g = act.split(h, 1)
             c = torch.mul(gate_f, cs[i][t, :n], out=cs[i][t + 1, :n]).addcmul_(gate_i, gate_g)  # (n, h)
-            h_new = torch.mul(gate_o, torch.tanh(c, out=tanh_c[i][t, :n]), out=z[i][t + 1, :n, in_sizes[i]:])  # (n, h)
-            if i + 1 < len(sizes):
-                z[i + 1][t, :n, :in_sizes[i + 1]] = h_new if drop is None else h_new * drop[i + 1][t, :n]
+            tc = torch.tanh(c, out=tanh_c[i][t, :n])
+            h_new = torch.mul(gate_o, tc, out=z[i][t + 1, :n, in_sizes[i]:])      # (n, h) in cdt
+            if i + 1 < len(sizes):  # dropped out from float32, rounded to cdt once
+                z[i + 1][t, :n, :in_sizes[i + 1]] = h_new if drop is None else gate_o * tc * drop[i + 1][t, :n]
         query = z[-1][t + 1, :n, in_sizes[-1]:]                                    # (n, top) in cdt
         if spec.attention == "bahdanau":
             q = mm_t(query, w_query, out=queries[t, :n])                           # (n, att)
@@ -297,7 +298,7 @@ def _backward(ctx, d_vectors):
             torch.mul(dh, p[:, :h], out=dg[:, :h])
             torch.mul(dc.unsqueeze(1), p[:, h:].unflatten(1, (3, h)), out=dg[:, h:].unflatten(1, (3, h)))
             d_c[i] = dc.mul_(acts[i][t, :m, 2 * h:3 * h])                           # times f
-            d_in = mm_t(dg, w_cat_t[i]).to(f32)                                     # (batch, in + h)
+            d_in = mm_t(dg, w_cat_t[i]).to(f32)                                     # (m, in + h)
             d_h[i] = d_in[:, in_sizes[i]:]
             if i > 0:
                 d_input = d_in[:, :in_sizes[i]]
@@ -318,8 +319,8 @@ def _backward(ctx, d_vectors):
         d_wcat = mm_tn(dg, flat(z[i][:steps])).to(f32)                             # (4h, in + h)
         if i == 0:
             d_wcat = torch.cat([mm_tn(dg, emb_t).to(f32), d_wcat], 1)              # (4h, emb + out + h)
-        d_wcat = roll_gates(d_wcat, -1, 0)                                          # back to i, f, g, o
-        d_b = roll_gates(dg.to(f32).sum(0), -1, 0)                                 # (4h,)
+        d_wcat = roll_gates(d_wcat, -1, dim=0)                                      # back to i, f, g, o
+        d_b = roll_gates(dg.to(f32).sum(0), -1, dim=0)                             # (4h,)
         split = in_sizes[i] + (emb_size if i == 0 else 0)
         grads_params += [d_wcat[:, :split], d_wcat[:, split:], d_b, d_b.clone()]
     d_emb = mm_t(flat(d_gates[0]), transposed(w_emb)).view(steps, batch, emb_size).transpose(0, 1)  # (batch, steps, emb)

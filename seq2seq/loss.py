@@ -110,6 +110,7 @@ class _LabelSmoothedNLL(torch.autograd.Function):
                           device=logits.device)                        # (block, vocab), reused
         for block in _spans(rows, vocab, BLOCK_BYTES):
             x = _block(logits[block], bias, buf[:block.stop - block.start])  # (block, vocab)
+            # the sums of exp go into lse[block] and the log-sum-exp over them
             loss, lse[block] = _block_loss(x, target[block], x.mean(1), smoothing, lse[block])
             total += loss
         ctx.save_for_backward(logits, bias, target, lse)
@@ -152,8 +153,8 @@ def _block_loss(e: torch.Tensor, target: torch.Tensor, mean: torch.Tensor, smoot
     and its rows' log-sum-exp (n,). e is overwritten with exp(e - max e) and its row sums go into sums (n,)."""
     picked = e.gather(1, target.unsqueeze(1)).squeeze(1)                      # (n,)
     top = e.amax(1, keepdim=True)                                              # (n, 1)
-    lse = torch.sum(e.sub_(top).exp_(), 1, out=sums).log().add_(top.squeeze(1))  # (n,)
-    return (lse - (1.0 - smoothing) * picked - smoothing * mean).sum(), lse
+    log_sum = torch.sum(e.sub_(top).exp_(), 1, out=sums).log().add_(top.squeeze(1))  # (n,)
+    return (log_sum - (1.0 - smoothing) * picked - smoothing * mean).sum(), log_sum
 
 
 def _block(logits: torch.Tensor, bias: torch.Tensor | None, dst: torch.Tensor) -> torch.Tensor:

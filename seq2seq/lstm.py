@@ -1,4 +1,5 @@
-"""An encoder LSTM layer's directions over rows sorted by length, backward pass written out.
+"""An encoder LSTM layer's directions over rows sorted by length, backward pass written out;
+and the gate helpers the decoder's written-out pass (bptt.py) shares.
 
 The encoder's CPU path (encoder.py) can run each direction as fused LSTM kernels over
 length segments: one kernel call per distinct length in the batch (7 or 8 at batch 128 on
@@ -13,7 +14,8 @@ Multi30k, 9 or 10 at 64), each with a fixed cost, most of it in its backward pas
   the same rows are going at each step);
 - the backward pass keeps each step's gate gradients and forms the weight and input
   gradients with one product each over all steps; the gates' derivatives are formed for
-  all steps at once before it, leaving five elementwise operations a step.
+  all steps at once before it (`cell_derivatives`), leaving five elementwise operations a
+  step (and a zero fill where rows have ended).
 
 tests/test_model.py holds it, value and every gradient, to `nn.LSTM` over packed sequences.
 """
@@ -62,30 +64,34 @@ def rows_going(lengths: Sequence[int], steps: int) -> tuple[int, ...]:
     return tuple(sum(1 for n in lengths if n > t) for t in range(steps))
 
 
-def roll_gates(w: torch.Tensor, shift: int, dim: int) -> torch.Tensor:
+def roll_gates(w: torch.Tensor, shift: int, *, dim: int) -> torch.Tensor:
     """w's gate blocks along `dim` rolled by `shift`: nn.LSTM's i, f, g, o become o, i, f, g with 1
     (and back with -1), so that one sigmoid covers the gates o, i, f in the forward pass and one
     product the gates i, f, g (all scaled by dc) in the backward pass."""
+    if shift not in (1, -1):
+        raise ValueError(f"roll_gates: shift must be 1 (to o, i, f, g) or -1 (back to i, f, g, o), got {shift}")
+    dim = dim % w.dim()
     return w.unflatten(dim, (4, -1)).roll(shift, dim).flatten(dim, dim + 1)
 
 
 def cell_derivatives(acts: torch.Tensor, c_before: torch.Tensor, tanh_c: torch.Tensor):
     """For a cell's steps, all at once: what each gate's gradient is dh (gate o) or dc (gates i, f,
-    g) times, the gate's partner in the cell update times the gate's own derivative; and dc/dh.
+    g) times, the gate's partner in the cell update times the gate's own derivative; and what dc
+    gets per unit of dh through h = o tanh(c), o (1 - tanh(c)^2).
 
     acts: (..., 4h) the gates o, i, f, g after their nonlinearities; c_before (..., h) the cell
     state before the step, tanh_c (..., h) tanh of the one after. Returns (..., 4h) and (..., h).
     """
     h = tanh_c.size(-1)
     sig = acts[..., :3 * h]                                                # o, i, f: partners tanh(c), g, c before
-    d_sig = sig - sig * sig                                                # sigmoid' = s (1 - s)
+    d_sig = sig * (1 - sig)                                                # sigmoid' = s (1 - s)
     g = acts[..., 3 * h:]                                                  # g: partner i
     partner = torch.empty_like(acts)
     torch.mul(tanh_c, d_sig[..., :h], out=partner[..., :h])
     torch.mul(g, d_sig[..., h:2 * h], out=partner[..., h:2 * h])
     torch.mul(c_before, d_sig[..., 2 * h:], out=partner[..., 2 * h:3 * h])
     torch.mul(acts[..., h:2 * h], 1 - g * g, out=partner[..., 3 * h:])     # tanh' = 1 - g^2
-    return partner, (1 - tanh_c * tanh_c).mul_(acts[..., :h])             # dc/dh = o (1 - tanh(c)^2)
+    return partner, (1 - tanh_c * tanh_c).mul_(acts[..., :h])             # o (1 - tanh(c)^2)
 
 
 class _SortedLSTM(torch.autograd.Function):
@@ -95,10 +101,10 @@ class _SortedLSTM(torch.autograd.Function):
         hidden = w_hh.size(2)
         steps = lengths[0]
         active = rows_going(lengths, steps)                                # rows still going at step t
-        w_ih, w_hh = roll_gates(w_ih, 1, 1), roll_gates(w_hh, 1, 1)        # gates o, i, f, g from here on
+        w_ih, w_hh = roll_gates(w_ih, 1, dim=1), roll_gates(w_hh, 1, dim=1)    # gates o, i, f, g from here on
         x_t = x[:, :, :steps].transpose(1, 2).contiguous()                 # (dirs, steps, batch, in)
         pre = bmm_t(x_t.view(dirs, steps * batch, -1), prepare_t(w_ih),
-                    roll_gates(b_ih + b_hh, 1, 1).unsqueeze(1)).view(dirs, steps, batch, -1)  # (dirs, steps, batch, 4h)
+                    roll_gates(b_ih + b_hh, 1, dim=1).unsqueeze(1)).view(dirs, steps, batch, -1)  # (dirs, steps, batch, 4h)
         # a row's states stay zero past its length: the outputs are hs[:, 1:], and the weight
         # gradients may read them (their gate gradients are zero)
         hs = x.new_zeros(dirs, steps + 1, batch, hidden)                   # h before step t (and after the last)
@@ -150,10 +156,10 @@ class _SortedLSTM(torch.autograd.Function):
         flat = d_gates.view(dirs, steps * batch, -1)                       # (dirs, steps*batch, 4h)
         d_w_hh = bmm_tn(flat, hs[:, :steps].reshape(dirs, steps * batch, hidden))  # (dirs, 4h, h)
         d_w_ih = bmm_tn(flat, x_t.view(dirs, steps * batch, -1))          # (dirs, 4h, in)
-        d_b = roll_gates(flat.sum(1), -1, 1)                               # (dirs, 4h), back to i, f, g, o
+        d_b = roll_gates(flat.sum(1), -1, dim=1)                           # (dirs, 4h), back to i, f, g, o
         d_x = None
         if ctx.needs_input_grad[0]:
             d_x = x_t.new_zeros(dirs, batch, ctx.width, x_t.size(3))
             d_x[:, :, :steps] = bmm_t(flat, prepare_t(w_ih.transpose(1, 2))).view(
                 dirs, steps, batch, -1).transpose(1, 2)
-        return d_x, None, roll_gates(d_w_ih, -1, 1), roll_gates(d_w_hh, -1, 1), d_b, d_b.clone()
+        return d_x, None, roll_gates(d_w_ih, -1, dim=1), roll_gates(d_w_hh, -1, dim=1), d_b, d_b.clone()

@@ -325,6 +325,18 @@ def test_sorted_lstm_gradients_with_a_row_of_length_zero():
     assert not h[:, 2].any() and not c[:, 2].any() and h[:, :2].all()
 
 
+def test_roll_gates_puts_o_first_and_back_along_any_dim():
+    from seq2seq.lstm import roll_gates
+    w = torch.arange(8.0).view(8, 1)                                          # gates i, f, g, o of 2 rows each
+    assert roll_gates(w, 1, dim=0).view(-1).tolist() == [6, 7, 0, 1, 2, 3, 4, 5]
+    assert torch.equal(roll_gates(roll_gates(w, 1, dim=0), -1, dim=0), w)
+    stacked = w.view(1, 8).expand(3, 8)                                       # (dirs, 4h)
+    assert torch.equal(roll_gates(stacked, 1, dim=-1), roll_gates(stacked, 1, dim=1))
+    assert roll_gates(stacked, 1, dim=1)[2].tolist() == [6, 7, 0, 1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="shift must be 1"):
+        roll_gates(w, 2, dim=0)
+
+
 def test_float32_encoder_training_through_onednn_products_equals_packed_sequences(monkeypatch):
     from seq2seq import matmul
     if not matmul._onednn_available():
