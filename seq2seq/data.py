@@ -275,8 +275,11 @@ class BucketBatchSampler(Sampler[list[int]]):
     first column first (ParallelDataset.ties: source, then target length). `draw`, when
     given, is called before each epoch's batches are made and returns the lengths to bucket
     by (SubwordSampling.draw: that epoch's segmentations). With several
-    processes (DDP) each rank takes every `num_replicas`-th batch, so all ranks see
-    disjoint data and the same number of steps.
+    processes (DDP) all ranks see disjoint data and take the same number of steps: with
+    `split_batches` (training) each batch's rows, sorted by length, are dealt to the ranks
+    in turn, so the ranks' shares are equally long and one optimiser step sees `batch_size`
+    sentences, as in one process (batches with fewer rows than ranks are left out);
+    otherwise each rank takes every `num_replicas`-th batch.
 
     `load_state_dict({"epoch": e, "batches_done": n})` makes the next iteration skip
     the first n batches of epoch e, so a run resumed mid-epoch continues with the next
@@ -296,6 +299,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         num_replicas: int = 1,
         rank: int = 0,
         drop_uneven: bool = True,
+        split_batches: bool = False,
         draw: Callable[[], np.ndarray] | None = None,
     ):
         if batch_size < 1:
@@ -305,6 +309,7 @@ class BucketBatchSampler(Sampler[list[int]]):
         self.batch_size, self.max_tokens = batch_size, max_tokens
         self.shuffle, self.seed, self.pool_factor = shuffle, seed, pool_factor
         self.num_replicas, self.rank, self.drop_uneven = num_replicas, rank, drop_uneven
+        self.split_batches = split_batches
         self.draw = draw    # called before each epoch's batches are made: the lengths to bucket by
         self.epoch = 0
         self._resume_from = 0   # batches of `epoch` already consumed before a restart
@@ -356,7 +361,9 @@ class BucketBatchSampler(Sampler[list[int]]):
                 chunk = perm[i:i + pool]
                 batches += self._cut(self._sorted(chunk))
             batches = [batches[i] for i in rng.permutation(len(batches))]
-        if self.num_replicas > 1:
+        if self.num_replicas > 1 and self.split_batches:
+            batches = [b[self.rank::self.num_replicas] for b in batches if len(b) >= self.num_replicas]
+        elif self.num_replicas > 1:
             # training: every rank must take the same number of steps, so drop the few
             # batches that do not divide evenly; validation keeps them all
             usable = len(batches) - len(batches) % self.num_replicas if self.drop_uneven else len(batches)

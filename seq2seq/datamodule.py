@@ -112,7 +112,7 @@ class TranslationDataModule(L.LightningDataModule):
             draw = self.train_data.draw
         self.train_sampler = BucketBatchSampler(
             self.train_set.lengths, self.batch_size, max_tokens=self.max_tokens, shuffle=True,
-            seed=self.seed, num_replicas=world, rank=rank, draw=draw)
+            seed=self.seed, num_replicas=world, rank=rank, split_batches=True, draw=draw)
         self.valid_sampler = BucketBatchSampler(
             self.valid_set.lengths, self.valid_batch_size, ties=self.valid_set.ties, shuffle=False,
             num_replicas=world, rank=rank, drop_uneven=False)

@@ -115,6 +115,20 @@ def test_sampler_shards_for_ddp_without_overlap():
     assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
 
 
+def test_sampler_deals_each_batch_to_the_ranks_for_ddp_training():
+    # training under DDP: the same batches as one process, each dealt out row by row in length
+    # order, so the ranks' shares are equally long and together make the one-process batch
+    lengths = np.random.default_rng(0).integers(1, 40, 101)
+    one = list(BucketBatchSampler(lengths, 8, seed=3))
+    shards = [list(BucketBatchSampler(lengths, 8, seed=3, num_replicas=2, rank=r, split_batches=True))
+              for r in (0, 1)]
+    whole = [b for b in one if len(b) >= 2]                                  # a batch of one row is left out
+    assert len(shards[0]) == len(shards[1]) == len(whole)
+    for b, s0, s1 in zip(whole, *shards):
+        assert sorted(s0 + s1) == sorted(b) and len(s0) - len(s1) in (0, 1)
+        assert abs(int(lengths[s0].sum()) - int(lengths[s1].sum())) <= int(lengths[b].max())
+
+
 def test_sampler_token_budget():
     lengths = np.array([10] * 50 + [50] * 50)
     for b in BucketBatchSampler(lengths, 64, max_tokens=200, shuffle=False):
