@@ -5,7 +5,8 @@ holds, besides tensors, only plain Python data under the key "seq2seq":
 
     {"format_version": 1,
      "model_config": {...},                       # ModelConfig.to_dict()
-     "tokenizer": {"joint": bool, "src": bytes, "tgt": bytes},  # SentencePiece models
+     "tokenizer": {"joint": bool, "src": uint8 tensor, "tgt": uint8 tensor},  # SentencePiece model bytes
+                                                  # (tgt empty when joint)
      "config": {...},                             # the resolved training config
      "meta": {...}}                               # languages, best BLEU, versions, ...
 

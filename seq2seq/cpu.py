@@ -54,7 +54,8 @@ KERNEL_CACHE_VAR = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"  # oneDNN's own setting; a 
 
 
 def limit_kernel_cache(capacity: int = TRANSLATION_KERNELS) -> None:
-    """Keep at most `capacity` compiled oneDNN kernels (1,024 by default).
+    """Keep at most `capacity` compiled oneDNN kernels (16 by default, `TRANSLATION_KERNELS`;
+    training passes `TRAINING_KERNELS`, 1,024).
 
     oneDNN compiles a kernel for every matrix or LSTM shape it meets and keeps the last
     `capacity`. Translation (`TRANSLATION_KERNELS`): decoding test2016 (beam 5, batch 64) in

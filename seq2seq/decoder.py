@@ -1,9 +1,12 @@
 """The decoder: a stack of nn.LSTMCell stepped one target token at a time.
 
-Each step: layer 0 reads [embedding of the previous token; previous attentional
-vector] (input feeding, Luong et al., 2015), each higher layer reads the one below
-(with dropout between layers), the top hidden state queries the attention, and
-tanh(W [context; top hidden]) is the attentional vector the output layer reads.
+Each step: layer 0 reads the embedding of the previous token and, with input feeding
+(Luong et al., 2015; the default model), the previous attentional vector; each higher
+layer reads the one below (with dropout between layers), the top hidden state queries the
+attention, and tanh(W [context; top hidden]) is the attentional vector the output layer
+reads. Without input feeding (the recipes) nothing but the cells' state passes from one
+step to the next, so teacher-forced training runs each layer over the whole target as one
+fused LSTM kernel (`CellStack.over_time`) and attends for all steps at once.
 """
 
 from __future__ import annotations

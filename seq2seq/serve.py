@@ -29,7 +29,8 @@ Concurrent requests are decoded together by a `Batcher` (batcher.py) running the
 in one thread (one per process with `--workers N`: workers.py), with continuous batching:
 a sentence joins the running search at the next decoder step and leaves it as soon as it
 is finished. A request's results are those `Translator.translate_hypotheses` gives for the
-same sentences and options. Every refusal is a 4xx with a JSON body; a limit names itself:
+same sentences and options. Every refusal has a JSON body: a 4xx (503 for a full queue or a
+stopped decoder); a limit names itself:
 `{"error": "too many sentences", "limit": "max_sentences", "value": 64}`.
 """
 
@@ -378,7 +379,7 @@ def serve_parser() -> argparse.ArgumentParser:
                         f"(default: {d.join_group}) ...")
     g.add_argument("--join-wait-ms", type=float, default=d.join_wait_ms,
                    help=f"... or once the oldest has waited this long (default: {d.join_wait_ms:g})")
-    g = p.add_argument_group("limits (each refusal is a 4xx naming the limit)")
+    g = p.add_argument_group("limits (each refusal names the limit: 413 or 422, 503 for a full queue)")
     g.add_argument("--max-sentences", type=int, default=d.max_sentences,
                    help=f"per request (default: {d.max_sentences})")
     g.add_argument("--max-chars", type=int, default=d.max_chars, help=f"per sentence (default: {d.max_chars})")
@@ -471,15 +472,20 @@ def _serve(argv: Sequence[str] | None) -> int:
         log.warning("binding %s: the service has no authentication; anyone who can reach it can use it", args.host)
     if args.workers > 1:
         check_workers_supported()
-        card = model_card(args.checkpoint)   # a bad checkpoint fails here, before any worker starts
-        spec = WorkerSpec(args.checkpoint, card, settings, args.device, args.max_source_len, args.precision,
-                          args.host, args.port, args.threads or default_threads(args.workers), args.log_level,
-                          args.graceful_timeout)
         if args.device != "cpu":
             log.warning("--workers %d --device %s: each worker loads its own copy of the model onto that device",
                         args.workers, args.device)
+        holder = claim_port(args.host, args.port, reuseport=True)   # a taken port fails before the checkpoint is read
+        try:
+            card = model_card(args.checkpoint)   # a bad checkpoint fails here, before any worker starts
+        except BaseException:
+            holder.close()
+            raise
+        spec = WorkerSpec(args.checkpoint, card, settings, args.device, args.max_source_len, args.precision,
+                          args.host, args.port, args.threads or default_threads(args.workers), args.log_level,
+                          args.graceful_timeout)
         log.info("serving %s with %s", args.checkpoint, json.dumps(asdict(settings)))
-        return serve_workers(spec, args.workers, _worker)
+        return serve_workers(spec, args.workers, _worker, holder)
     sock = claim_port(args.host, args.port)   # a taken port fails now, not after loading the model
     with sock:
         if args.threads:

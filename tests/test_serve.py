@@ -691,6 +691,7 @@ def test_a_port_another_program_holds_is_one_line_and_exit_code_2(model_path, ca
     def no_loading(*args, **kwargs):
         raise AssertionError("the model was loaded although the port is taken")
     monkeypatch.setattr("seq2seq.serve.create_app", no_loading)   # one process: fails before loading the model
+    monkeypatch.setattr("seq2seq.serve.model_card", no_loading)   # --workers: before the parent reads the checkpoint
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
