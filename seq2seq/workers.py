@@ -210,17 +210,15 @@ def _run_worker(target, index: int, spec: WorkerSpec, board: StatsBoard, parent:
     target(index, spec, board)
 
 
-def serve_workers(spec: WorkerSpec, workers: int, target, holder: socket.socket | None = None) -> int:
+def serve_workers(spec: WorkerSpec, workers: int, target, holder: socket.socket) -> int:
     """Run `workers` service processes on spec.host:spec.port until SIGTERM/SIGINT; the exit code.
 
     `target(index, spec, board)` builds and runs one worker's service on the shared port
     (serve.py's `_worker`); it must be a module-level function, since each spawned process
-    imports it by name. The caller has checked `check_workers_supported` (before loading anything).
-    holder: the port already claimed with `claim_port(..., reuseport=True)` (closed here when done);
-    claimed here when None. It holds the port (and resolves port 0) while the workers start.
+    imports it by name. The caller has checked `check_workers_supported` and claimed the port,
+    `holder = claim_port(host, port, reuseport=True)`, before loading anything: the holder keeps
+    the port (and resolves port 0) while the workers start, and is closed here when done.
     """
-    if holder is None:
-        holder = claim_port(spec.host, spec.port, reuseport=True)
     spec = WorkerSpec(**{**vars(spec), "port": holder.getsockname()[1]})
     ctx = mp.get_context("spawn")   # fresh interpreters: no torch threads or locks inherited through fork
     board = StatsBoard(workers, ctx)
