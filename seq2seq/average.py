@@ -91,17 +91,22 @@ def average_checkpoints(paths: Sequence[str | Path]) -> tuple[dict[str, torch.Te
 
     Float tensors are summed in float64 and cast back, so averaging a checkpoint with
     itself gives it back bit for bit. Other tensors (integer buffers) must agree and are kept.
+    Names of one tied tensor (shared or tied embeddings) are averaged once and stay one tensor.
     """
     if not paths:
         raise InputError("no checkpoints to average")
     paths = [Path(p) for p in paths]
     ref = _read(paths[0])
-    sums = {k: v.double() if v.is_floating_point() else v for k, v in ref["state_dict"].items()}
+    tied_to = _tied_names(ref["state_dict"])
+    sums = {k: v.to(torch.float64, copy=True) if v.is_floating_point() else v
+            for k, v in ref["state_dict"].items() if tied_to[k] == k}
     newest, newest_step = ref["seq2seq"], ref["seq2seq"].get("meta", {}).get("global_step", -1)
     for path in paths[1:]:
         ckpt = _read(path)
         _check_compatible(paths[0], ref, path, ckpt)
         for k, v in ckpt["state_dict"].items():
+            if tied_to[k] != k:
+                continue
             if v.is_floating_point():
                 sums[k] += v.double()
             elif not torch.equal(v, sums[k]):
@@ -111,7 +116,14 @@ def average_checkpoints(paths: Sequence[str | Path]) -> tuple[dict[str, torch.Te
             newest, newest_step = ckpt["seq2seq"], step
     dtypes = {k: v.dtype for k, v in ref["state_dict"].items()}
     averaged = {k: (v / len(paths)).to(dtypes[k]) if v.is_floating_point() else v for k, v in sums.items()}
-    return averaged, newest
+    return {k: averaged[tied_to[k]] for k in ref["state_dict"]}, newest
+
+
+def _tied_names(state: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each name -> the first name of the same tensor (one storage, offset, shape and stride)."""
+    first: dict[tuple, str] = {}
+    return {k: first.setdefault((v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride()), k)
+            if v.numel() else k for k, v in state.items()}   # empty tensors may all have address 0
 
 
 def average(paths: Sequence[str | Path], output: str | Path) -> Path:

@@ -105,6 +105,10 @@ def check_config(cfg: DictConfig) -> ModelConfig:
                          f"set train.keep_last_epochs >= {avg} (it is {keep})")
     if cfg.train.batch_size < 1:
         raise InputError(f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
+    if model_config.share_embeddings and not cfg.tokenizer.joint:
+        # two vocabularies of one size would pass the model's check, their ids meaning different pieces
+        raise InputError("model.share_embeddings=true gives both languages one embedding table, which needs "
+                         "one vocabulary: set tokenizer.joint=true (it is false)")
     sampling, nbest, sp_type = float(cfg.train.subword_alpha), int(cfg.train.subword_nbest), cfg.tokenizer.model_type
     if not 0 <= sampling <= 1:
         raise InputError(f"train.subword_alpha must be in [0, 1] (0 = off), got {sampling}")

@@ -84,6 +84,32 @@ def test_average_of_two_checkpoints_is_their_mean_and_translates(untrained, toy_
     assert len(translations) == 3 and all(isinstance(t, str) for t in translations)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_average_of_tied_embeddings_is_one_mean_matrix(toy_data, tmp_path, dtype):
+    """Shared and tied embeddings (three names, one tensor) are averaged once, in any float
+    dtype, and stay one tensor in the file and in the model loaded from it."""
+    tok = train_tokenizer([toy_data / "train.src", toy_data / "train.tgt"], 100, model_type="word")
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = Seq2Seq(ModelConfig(src_vocab_size=len(tok), tgt_vocab_size=len(tok), embedding_size=8,
+                                    encoder_hidden_size=6, decoder_hidden_sizes=[8], dropout=0.0,
+                                    tie_embeddings=True, share_embeddings=True)).to(dtype)
+        paths.append(save_model(tmp_path / f"{seed}.pt", model, tok, tok, config={"seed": seed},
+                                meta={"src_lang": "src", "tgt_lang": "tgt", "global_step": seed}))
+    out = average(paths, tmp_path / "avg.pt")
+    a, b, avg = _weights(paths[0]), _weights(paths[1]), _weights(out)
+    names = ["model.encoder.embedding.weight", "model.decoder.embedding.weight", "model.decoder.output_layer.weight"]
+    mean = (a[names[0]] + b[names[0]]) / 2
+    assert not torch.equal(a[names[0]], b[names[0]])
+    for name in names:
+        assert avg[name].dtype == dtype
+        torch.testing.assert_close(avg[name], mean)
+        assert avg[name].untyped_storage().data_ptr() == avg[names[0]].untyped_storage().data_ptr()
+    loaded = Translator.from_checkpoint(out).model
+    assert loaded.decoder.output_layer.weight is loaded.encoder.embedding.weight
+
+
 def test_average_last_n_takes_the_newest_files_of_a_run(untrained, tmp_path):
     ckpts = tmp_path / "run" / "checkpoints"
     ckpts.mkdir(parents=True)

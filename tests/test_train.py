@@ -612,6 +612,15 @@ def test_a_fixed_decay_and_a_half_life_together_are_refused():
         MovingAverage()
 
 
+def test_shared_embeddings_without_a_joint_vocabulary_are_refused():
+    from seq2seq.train import check_config
+
+    cfg = _compose(["experiment=toy", "model.share_embeddings=true", "tokenizer.joint=false"])
+    with pytest.raises(InputError, match=r"model.share_embeddings=true .* set tokenizer.joint=true \(it is false\)"):
+        check_config(cfg)
+    check_config(_compose(["experiment=toy", "model.share_embeddings=true", "tokenizer.joint=true"]))
+
+
 def test_resuming_with_the_moving_average_switched_on_or_off_is_refused(tmp_path, toy_data):
     """A checkpoint of an averaged run holds the average as its weights; training on from it
     with train.ema_decay=0 (or starting an average mid-run) is refused, naming both values."""
