@@ -104,9 +104,8 @@ def average_checkpoints(paths: Sequence[str | Path]) -> tuple[dict[str, torch.Te
     for path in paths[1:]:
         ckpt = _read(path)
         _check_compatible(paths[0], ref, path, ckpt)
-        for k, v in ckpt["state_dict"].items():
-            if tied_to[k] != k:
-                continue
+        for k in sums:                       # one name of each tied tensor
+            v = ckpt["state_dict"][k]
             if v.is_floating_point():
                 sums[k] += v.double()
             elif not torch.equal(v, sums[k]):
