@@ -520,8 +520,8 @@ def train(cfg: DictConfig) -> dict:
 def main(cfg: DictConfig) -> None:
     try:
         train(cfg)
-    except (InputError, CheckpointError, ValueError) as e:
-        # a user mistake: one line naming the problem, no traceback
+    except (InputError, CheckpointError, ValueError, FloatingPointError) as e:
+        # a user mistake (or a diverged loss, module.py): one line naming the problem, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

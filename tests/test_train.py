@@ -228,6 +228,30 @@ def test_nan_loss_stops_training_naming_the_step(toy_data):
         module.training_step(batch, 0)
 
 
+def test_a_diverged_loss_ends_the_command_with_one_error_line_and_no_traceback(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    import seq2seq.train as train_cli
+
+    def diverge(cfg):
+        raise FloatingPointError("training loss is nan at step 7 (epoch 0, batch 7); lower optim.lr or check the data")
+
+    monkeypatch.setattr(train_cli, "train", diverge)
+    monkeypatch.setattr(sys, "argv", ["seq2seq-train", f"hydra.run.dir={tmp_path / 'run'}"])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train_cli.main()
+    finally:
+        GlobalHydra.instance().clear()
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1] == ("error: training loss is nan at step 7 (epoch 0, batch 7); "
+                                            "lower optim.lr or check the data")
+    assert "Traceback" not in err
+
+
 def test_validation_gives_a_blank_source_a_blank_output_as_translate_does(toy_data):
     import numpy as np
     import torch
