@@ -56,9 +56,17 @@ def test_written_out_backward_equals_autograd_through_the_step_loop(attention, s
 
 def test_every_parameter_but_the_source_side_padding_gets_a_gradient():
     model = _model("bahdanau", [10, 12])
-    _, _, grads = _run(model, "forward", *_batch())
+    src, src_len, tgt = _batch()
+    _, _, grads = _run(model, "forward", src, src_len, tgt)
     assert set(grads) == {n for n, _ in model.named_parameters()}
     assert all(g.abs().sum() > 0 for n, g in grads.items() if "embedding" not in n)
+
+    def rows_with_gradient(name):
+        return set((grads[name].abs().sum(1) > 0).nonzero().flatten().tolist())
+
+    # embeddings: exactly the rows of the tokens read (the source's padding, id 0, gets none)
+    assert rows_with_gradient("encoder.embedding.weight") == set(src[src != 0].tolist())
+    assert rows_with_gradient("decoder.embedding.weight") == set(tgt.flatten().tolist())
 
 
 def test_dropout_between_layers_keeps_its_rate_and_scale():
@@ -170,10 +178,11 @@ def test_the_bias_added_inside_the_loss_equals_a_linear_layer_with_its_bias():
 
 
 def test_the_loss_leaves_its_float32_logits_untouched():
-    logits = torch.randn(9, 5, requires_grad=True)
+    leaf = torch.randn(9, 5, requires_grad=True)
+    logits = leaf * 1.0                      # the tensor the loss is given (a leaf cannot be written in place)
     kept = logits.detach().clone()
-    label_smoothed_nll(logits * 1.0, torch.randint(0, 5, (9,)), 0.1, bias=torch.randn(5)).backward()
-    torch.testing.assert_close(logits.detach(), kept)
+    label_smoothed_nll(logits, torch.randint(0, 5, (9,)), 0.1, bias=torch.randn(5)).backward()
+    assert torch.equal(logits.detach(), kept)
 
 
 def test_token_loss_scores_exactly_the_real_target_tokens():

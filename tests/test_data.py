@@ -111,8 +111,12 @@ def test_loader_resumes_mid_epoch():
 def test_sampler_shards_for_ddp_without_overlap():
     lengths = np.ones(100, dtype=int)
     shards = [list(BucketBatchSampler(lengths, 7, seed=1, num_replicas=2, rank=r)) for r in (0, 1)]
-    assert len(shards[0]) == len(shards[1])
+    assert len(shards[0]) == len(shards[1]) == 7
     assert not {i for b in shards[0] for i in b} & {i for b in shards[1] for i in b}
+    # one process's 15 batches, dealt alternately; the 15th is dropped so both ranks take 7 steps
+    one = [list(b) for b in BucketBatchSampler(lengths, 7, seed=1)]
+    assert len(one) == 15
+    assert [list(b) for b in shards[0]] == one[0:14:2] and [list(b) for b in shards[1]] == one[1:14:2]
 
 
 def test_sampler_deals_each_batch_to_the_ranks_for_ddp_training():

@@ -249,8 +249,11 @@ def test_memory_and_state_reorder_by_index(tiny_model):
     idx = torch.tensor([2, 0])
     m2, s2 = memory.index_select(idx), state.index_select(idx)
     assert isinstance(m2, Memory)
-    torch.testing.assert_close(m2.values, memory.values[idx])
-    torch.testing.assert_close(s2.hidden[1][0], state.hidden[1][0][idx])
+    for field in Memory._fields:                     # values, keys, mask
+        assert torch.equal(getattr(m2, field), getattr(memory, field)[idx]), field
+    for (h2, c2), (h, c) in zip(s2.hidden, state.hidden, strict=True):
+        assert torch.equal(h2, h[idx]) and torch.equal(c2, c[idx])
+    assert torch.equal(s2.feed, state.feed[idx])
 
 
 def test_shared_and_tied_embeddings_are_one_matrix():

@@ -183,7 +183,7 @@ def test_each_multi30k_recipe_builds_the_model_its_figures_were_measured_with(ex
     assert Seq2Seq(model_cfg).num_parameters() == RECIPE_PARAMETERS[experiment]
 
 
-def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy_data, monkeypatch):
+def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy_data, monkeypatch, caplog):
     """Train 50 steps straight; train 25, stop, resume to 50: bitwise the same weights.
 
     Stopping at step 25 lands mid-epoch (94 batches per epoch), so this needs the data
@@ -205,9 +205,15 @@ def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy
         train(cfg)
         return read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
 
+    import logging
+
     straight = run("straight", 50)
     run("resumed", 25)
-    resumed = run("resumed", 50)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="seq2seq.train"):
+        resumed = run("resumed", 50)
+    # it continued from step 25 (a run started over would also end equal)
+    assert any(r.getMessage().startswith("resuming from") and "last.ckpt" in r.getMessage() for r in caplog.records)
     assert straight["global_step"] == resumed["global_step"] == 50
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, resumed["state_dict"][key]), key
