@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import matmul, toy
 from .average import average, checkpoints_oldest_first
 from .checkpoint import CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
-from .cpu import TRAINING_KERNELS, keep_freed_memory, limit_kernel_cache
+from .cpu import TRAINING_KERNELS, cpu_fields, keep_freed_memory, limit_kernel_cache
 from .datamodule import TranslationDataModule
 from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
@@ -179,8 +179,26 @@ def training_precision(trainer: DictConfig) -> str:
 
 def trains_in_float32_on_cpu(trainer: DictConfig) -> bool:
     """Whether training with these trainer settings runs on the CPU in float32 (for `auto`: a CPU
-    without bfloat16 instructions), where scripts/multi30k.sh --full picks the smaller model."""
+    without bfloat16 instructions), where scripts/multi30k.sh --full picks a smaller model."""
     return _trains_on_cpu(trainer) and training_precision(trainer) == "32-true"
+
+
+FULL_RECIPE_SIZES = ("small", "medium", "large")
+
+
+def full_recipe_size(direction: str, trainer: DictConfig) -> str:
+    """The model `scripts/multi30k.sh --full DIRECTION` trains by default (`--size auto`).
+
+    large (15.1 M) where training runs in bfloat16 or on a GPU; in float32 on a CPU, medium
+    (9.6 M, De->En only) where the CPU has AVX-512 (twice AVX2's float32 products: about 22
+    epochs in the 100 minutes), else small (5.3 M). docs/RESULTS.md has the runs behind each.
+    """
+    if direction not in ("en_de", "de_en"):
+        raise ValueError(f"direction must be en_de or de_en, got {direction!r}")
+    if not trains_in_float32_on_cpu(trainer):
+        return "large"
+    flags = (cpu_fields() or {}).get("flags", "").split()
+    return "medium" if direction == "de_en" and "avx512f" in flags else "small"
 
 
 def check_precision_here(trainer: DictConfig) -> None:

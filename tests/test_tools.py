@@ -30,7 +30,7 @@ from seq2seq.model import ModelConfig, Seq2Seq
 from seq2seq.plot import plot_training
 from seq2seq.quantize import cpu_has_bfloat16
 from seq2seq.tokenizer import train_tokenizer
-from seq2seq.train import trains_in_float32_on_cpu
+from seq2seq.train import full_recipe_size
 from seq2seq.translate import Translator
 
 from .conftest import console, run_cli
@@ -346,9 +346,10 @@ def test_the_benchmark_leaves_out_bfloat16_only_where_asked_or_emulated():
     (["--full", "--members"], "--members needs a number"),
     (["--members", "3"], "--members applies to --full only"),
     (["--members", "2", "de_en"], "--members applies to --full only"),
-    (["--fast"], "unknown option '--fast': use --full, --members N, --seed N, --size auto|small|large"),
-    (["--full", "--size", "tiny"], "--size must be auto, small or large, got 'tiny'"),
-    (["--full", "--size"], "--size needs auto, small or large"),
+    (["--fast"], "unknown option '--fast': use --full, --members N, --seed N, --size auto|small|medium|large"),
+    (["--full", "--size", "tiny"], "--size must be auto, small, medium or large, got 'tiny'"),
+    (["--full", "--size"], "--size needs auto, small, medium or large"),
+    (["--full", "--size", "medium"], "--size medium is a De->En recipe: use small or large for en_de"),
     (["--size", "small", "de_en"], "--size applies to --full only"),
     (["--full", "fr_en"], "direction must be en_de or de_en, got 'fr_en'"),
     (["--full", "--seed"], "--seed needs a number"),
@@ -368,12 +369,15 @@ def test_the_main_script_refuses_bad_options_before_installing_anything(args, me
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["multi30k.sh", "scripts"]
 
 
-@pytest.mark.parametrize("one_core, size", [(False, None), (True, None), (False, "small"), (True, "large")])
-def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(one_core, size, tmp_path):
+@pytest.mark.parametrize("one_core, size, direction", [(False, None, "en_de"), (True, None, "en_de"),
+                                                       (False, "small", "en_de"), (True, "large", "en_de"),
+                                                       (False, None, "de_en"), (False, "medium", "de_en")])
+def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(one_core, size, direction,
+                                                                                               tmp_path):
     """`--full ... hydra.run.dir=X`: the members train in X/member1, X/member2 (were the user's
     override passed on after theirs, Hydra's last value would win and both would share X); on
-    one core (taskset), one member has it to itself. The model: `--size`, by default the 5.3 M
-    one where training runs in float32 (no bfloat16 instructions)."""
+    one core (taskset), one member has it to itself. The model: `--size`, by default
+    `full_recipe_size` (tests/test_train.py holds it to the CPU flags)."""
     tree = tmp_path / "tree"
     for d in ("scripts", ".venv/bin", "fake", "data/multi30k"):
         (tree / d).mkdir(parents=True)
@@ -388,7 +392,7 @@ def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_
     (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{tree / "fake"}:{Path(sys.executable).parent}:$PATH"\n')
     pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_core else []
     proc = subprocess.run([*pin, "bash", str(tree / "scripts" / "multi30k.sh"), "--full",
-                           *(["--size", size] if size else []), "en_de", "hydra.run.dir=runs/mine", "trainer.max_epochs=2"],
+                           *(["--size", size] if size else []), direction, "hydra.run.dir=runs/mine", "trainer.max_epochs=2"],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "training failed: see runs/mine/member*.out" in proc.stderr, proc.stderr
     calls = sorted((tmp_path / "calls").read_text().splitlines())
@@ -398,8 +402,9 @@ def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_
         args = call.split()
         assert [a for a in args if a.startswith("hydra.run.dir=")] == [f"hydra.run.dir=runs/mine/member{member}"]
         assert f"seed={member}" in args and "trainer.max_epochs=2" in args
-        small = size == "small" or (size is None and trains_in_float32_on_cpu(OmegaConf.create({})))
-        assert args[1] == ("experiment=multi30k_en_de_small" if small else "experiment=multi30k_en_de")
+        expected = size or full_recipe_size(direction, OmegaConf.create({}))
+        recipe = f"multi30k_{direction}" + ("" if expected == "large" else f"_{expected}")
+        assert args[1] == f"experiment={recipe}"
         assert args[0] == f"threads={max(cores // len(calls), 1)}"
 
 

@@ -101,6 +101,28 @@ def test_auto_training_precision_follows_the_cpu_flags(monkeypatch, flags, expec
     assert not train.trains_in_float32_on_cpu(OmegaConf.create({"precision": "32-true", "accelerator": "gpu"}))
 
 
+@pytest.mark.parametrize("flags,en_de,de_en", [
+    ("avx2 fma", "small", "small"),                          # float32, AVX2: the 5.3 M model
+    ("avx2 avx512f avx512bw", "small", "medium"),            # float32, AVX-512: De->En's 9.6 M model
+    ("avx512f avx512_bf16", "large", "large"),               # bfloat16: the 15.1 M model
+    ("avx512f avx512_bf16 amx_bf16", "large", "large"),
+])
+def test_the_full_recipes_model_size_follows_the_cpu_flags(monkeypatch, flags, en_de, de_en):
+    import seq2seq.quantize as quantize
+    import seq2seq.train as train
+    from omegaconf import OmegaConf
+    monkeypatch.setattr(quantize, "cpu_fields", lambda: {"flags": flags})
+    monkeypatch.setattr(train, "cpu_fields", lambda: {"flags": flags})
+    cpu = OmegaConf.create({"precision": "auto", "accelerator": "cpu"})
+    assert (train.full_recipe_size("en_de", cpu), train.full_recipe_size("de_en", cpu)) == (en_de, de_en)
+    # an explicit float32 on a bfloat16 CPU trains in float32: the float32 sizes
+    float32 = OmegaConf.create({"precision": "32-true", "accelerator": "cpu"})
+    assert train.full_recipe_size("de_en", float32) == ("medium" if "avx512f" in flags else "small")
+    assert train.full_recipe_size("de_en", OmegaConf.create({"precision": "32-true", "accelerator": "gpu"})) == "large"
+    with pytest.raises(ValueError, match="direction must be en_de or de_en, got 'fr_en'"):
+        train.full_recipe_size("fr_en", cpu)
+
+
 def test_the_run_records_which_precision_trained_it(toy_run):
     import seq2seq.train as train
     from omegaconf import OmegaConf
@@ -170,7 +192,8 @@ def test_the_quick_schedules_are_bounded_by_epochs_and_average_nothing(experimen
 
 # the sizes docs/RESULTS.md and the README report for each recipe's model (joint vocabulary of 6,000)
 RECIPE_PARAMETERS = {"multi30k_en_de": 15_076_720, "multi30k_en_de_quick": 5_313_136, "multi30k_en_de_small": 5_313_136,
-                     "multi30k_de_en": 15_076_720, "multi30k_de_en_quick": 5_313_136, "multi30k_de_en_small": 5_313_136}
+                     "multi30k_de_en": 15_076_720, "multi30k_de_en_quick": 5_313_136, "multi30k_de_en_small": 5_313_136,
+                     "multi30k_de_en_medium": 9_637_872}
 
 
 @pytest.mark.parametrize("experiment", sorted(RECIPE_PARAMETERS))
