@@ -7,9 +7,8 @@
 #   bash scripts/multi30k.sh --full de_en
 #   bash scripts/multi30k.sh --full --members 3 de_en   # an ensemble of 3 (default 2, 1 on one core) sharing the cores
 #   bash scripts/multi30k.sh --full --seed 3 de_en      # members seeded 3, 4 (default 1, 2) in runs/..._seed3
-#   bash scripts/multi30k.sh --full --size small        # the 5.3 M-parameter model (--size auto, the default: 15.1 M
-#                                                       # (large) with bfloat16, else 5.3 M, or 9.6 M (medium) De->En
-#                                                       # on a CPU with AVX-512)
+#   bash scripts/multi30k.sh --full --size small        # the 5.3 M-parameter model (default --size auto: 15.1 M with
+#                                                       # bfloat16, else 5.3 M; De->En 9.6 M with AVX-512)
 #
 # Data: a local copy at $MULTI30K_DIR (default ../shared/data/multi30k) is used when it
 # exists; otherwise the public original is downloaded. Extra arguments after the

@@ -183,9 +183,6 @@ def trains_in_float32_on_cpu(trainer: DictConfig) -> bool:
     return _trains_on_cpu(trainer) and training_precision(trainer) == "32-true"
 
 
-FULL_RECIPE_SIZES = ("small", "medium", "large")
-
-
 def full_recipe_size(direction: str, trainer: DictConfig) -> str:
     """The model `scripts/multi30k.sh --full DIRECTION` trains by default (`--size auto`).
 
