@@ -80,3 +80,9 @@ def cpu_fields() -> dict[str, str] | None:
         key, _, value = line.partition(":")
         fields[key.strip()] = value.strip()
     return fields
+
+
+def cpu_flags() -> set[str] | None:
+    """The first processor's instruction-set flags ("avx512f", "amx_bf16", ...); None where unreadable."""
+    fields = cpu_fields()
+    return None if fields is None else set(fields.get("flags", "").split())

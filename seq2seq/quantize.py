@@ -44,7 +44,7 @@ import warnings
 import torch
 from torch import nn
 
-from .cpu import cpu_fields
+from .cpu import cpu_flags
 from .ensemble import Ensemble
 from .model import Seq2Seq
 
@@ -186,18 +186,15 @@ BF16_COMPUTE_FLAGS = ("avx512_bf16", "amx_bf16")
 
 def cpu_has_bfloat16() -> bool | None:
     """Whether this CPU has any of the bfloat16 instructions in BF16_FLAGS; None where /proc/cpuinfo is unreadable."""
-    fields = cpu_fields()
-    if fields is None:
-        return None
-    return any(f in BF16_FLAGS for f in fields.get("flags", "").split())
+    flags = cpu_flags()
+    return None if flags is None else any(f in flags for f in BF16_FLAGS)
 
 
 def auto_precision(device: str | torch.device = "cpu") -> str:
     """"bfloat16" where `device` multiplies bfloat16 matrices in hardware, else "float32"."""
     device = torch.device(device)
     if device.type == "cpu":
-        fields = cpu_fields() or {}
-        return "bfloat16" if any(f in BF16_COMPUTE_FLAGS for f in fields.get("flags", "").split()) else "float32"
+        return "bfloat16" if any(f in (cpu_flags() or ()) for f in BF16_COMPUTE_FLAGS) else "float32"
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "float32"

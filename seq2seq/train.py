@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import matmul, toy
 from .average import average, checkpoints_oldest_first
 from .checkpoint import CheckpointError, read_checkpoint, save_model, tokenizers_from_payload
-from .cpu import TRAINING_KERNELS, cpu_fields, keep_freed_memory, limit_kernel_cache
+from .cpu import TRAINING_KERNELS, cpu_flags, keep_freed_memory, limit_kernel_cache
 from .datamodule import TranslationDataModule
 from .files import InputError, atomic_write, read_lines
 from .metrics import corpus_scores
@@ -194,8 +194,7 @@ def full_recipe_size(direction: str, trainer: DictConfig) -> str:
         raise ValueError(f"direction must be en_de or de_en, got {direction!r}")
     if not trains_in_float32_on_cpu(trainer):
         return "large"
-    flags = (cpu_fields() or {}).get("flags", "").split()
-    return "medium" if direction == "de_en" and "avx512f" in flags else "small"
+    return "medium" if direction == "de_en" and "avx512f" in (cpu_flags() or ()) else "small"
 
 
 def check_precision_here(trainer: DictConfig) -> None:

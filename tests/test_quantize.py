@@ -165,10 +165,12 @@ def test_int8_results_do_not_depend_on_the_rest_of_the_batch(tiny_model):
 def test_cpu_flags_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatch):
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(cpu, "Path", lambda _: cpuinfo)
-    assert quantize.cpu_fields() is None and quantize.cpu_has_bfloat16() is None   # unreadable: unknown
+    assert cpu.cpu_fields() is None and cpu.cpu_flags() is None            # unreadable: unknown
+    assert quantize.cpu_has_bfloat16() is None
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Some CPU\nflags\t\t: fpu avx2\n\n"
                        "processor\t: 1\nflags\t\t: fpu avx2 avx512_bf16\n")
-    assert quantize.cpu_fields()["model name"] == "Some CPU"
+    assert cpu.cpu_fields()["model name"] == "Some CPU"
+    assert cpu.cpu_flags() == {"fpu", "avx2"}                              # the first processor's
     assert quantize.cpu_has_bfloat16() is False
     cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 amx_bf16 amx_tile\n")
     assert quantize.cpu_has_bfloat16() is True
@@ -181,7 +183,7 @@ def test_cpu_flags_come_from_the_first_processor_of_cpuinfo(tmp_path, monkeypatc
     ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile", "bfloat16"),  # Xeon with AMX
 ])
 def test_auto_precision_follows_the_cpu_flags(monkeypatch, tiny_model, flags, expected):
-    monkeypatch.setattr(quantize, "cpu_fields", lambda: {"model name": "mock", "flags": flags})
+    monkeypatch.setattr(cpu, "cpu_fields", lambda: {"model name": "mock", "flags": flags})
     assert quantize.auto_precision("cpu") == expected
     assert quantize.resolve_precision("auto", "cpu") == expected
     assert quantize.resolve_precision("float32", "cpu") == "float32"       # explicit values stay
@@ -192,7 +194,7 @@ def test_auto_precision_follows_the_cpu_flags(monkeypatch, tiny_model, flags, ex
 
 
 def test_auto_precision_without_proc_cpuinfo_is_float32(monkeypatch):
-    monkeypatch.setattr(quantize, "cpu_fields", lambda: None)
+    monkeypatch.setattr(cpu, "cpu_fields", lambda: None)
     assert quantize.auto_precision("cpu") == "float32"
 
 

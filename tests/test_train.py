@@ -88,10 +88,10 @@ def test_bfloat16_training_on_a_cpu_without_bfloat16_is_refused_up_front(monkeyp
 @pytest.mark.parametrize("flags,expected", [("avx2 fma", "32-true"), ("avx2 avx512_bf16", "bf16-mixed"),
                                             ("avx512_bf16 amx_bf16", "bf16-mixed")])
 def test_auto_training_precision_follows_the_cpu_flags(monkeypatch, flags, expected):
-    import seq2seq.quantize as quantize
+    import seq2seq.cpu as cpu
     import seq2seq.train as train
     from omegaconf import OmegaConf
-    monkeypatch.setattr(quantize, "cpu_fields", lambda: {"flags": flags})
+    monkeypatch.setattr(cpu, "cpu_fields", lambda: {"flags": flags})
     assert train.training_precision(OmegaConf.create({"precision": "auto", "accelerator": "cpu"})) == expected
     for explicit in ("32-true", "bf16-mixed", "16-mixed"):
         assert train.training_precision(OmegaConf.create({"precision": explicit, "accelerator": "cpu"})) == explicit
@@ -108,11 +108,10 @@ def test_auto_training_precision_follows_the_cpu_flags(monkeypatch, flags, expec
     ("avx512f avx512_bf16 amx_bf16", "large", "large"),
 ])
 def test_the_full_recipes_model_size_follows_the_cpu_flags(monkeypatch, flags, en_de, de_en):
-    import seq2seq.quantize as quantize
+    import seq2seq.cpu as cpu
     import seq2seq.train as train
     from omegaconf import OmegaConf
-    monkeypatch.setattr(quantize, "cpu_fields", lambda: {"flags": flags})
-    monkeypatch.setattr(train, "cpu_fields", lambda: {"flags": flags})
+    monkeypatch.setattr(cpu, "cpu_fields", lambda: {"flags": flags})   # what every flag check reads
     cpu = OmegaConf.create({"precision": "auto", "accelerator": "cpu"})
     assert (train.full_recipe_size("en_de", cpu), train.full_recipe_size("de_en", cpu)) == (en_de, de_en)
     # an explicit float32 on a bfloat16 CPU trains in float32: the float32 sizes
