@@ -262,7 +262,14 @@ def test_output_layer_nll_pads_the_chunks_oneDNN_multiplies_and_gives_padding_no
         pytest.skip("this torch build has no oneDNN")
     monkeypatch.setattr(matmul, "enabled", lambda: True)            # float32 products through oneDNN
     monkeypatch.setattr(matmul, "ROW_MULTIPLE", 8)
-    monkeypatch.setattr("seq2seq.loss.CHUNK_BYTES", 4 * 13 * 10)    # chunks of 10 rows, padded to 16
+    monkeypatch.setattr("seq2seq.loss.CHUNK_BYTES", 4 * 13 * 10)    # 10 rows fit a chunk: 8, the multiple
+    rows = []                                                       # (rows in, rows multiplied) per chunk
+
+    def pad_rows(t):
+        out = matmul.pad_rows(t)
+        rows.append((t.size(0), out.size(0)))
+        return out
+    monkeypatch.setattr("seq2seq.loss.pad_rows", pad_rows)
     g = torch.Generator().manual_seed(7)
     x = torch.randn(23, 6, generator=g, requires_grad=True)
     layer = nn.Linear(6, 13)
@@ -272,6 +279,7 @@ def test_output_layer_nll_pads_the_chunks_oneDNN_multiplies_and_gives_padding_no
     ref_grads = torch.autograd.grad(ref, params)
     ours = output_layer_nll(x, layer.weight, layer.bias, target, 0.1)
     grads = torch.autograd.grad(ours, params)
+    assert rows == [(8, 8), (8, 8), (7, 8)]                         # the last chunk padded with a zero row
     torch.testing.assert_close(ours, ref)
     for a, b in zip(grads, ref_grads):
         torch.testing.assert_close(a, b)
@@ -409,7 +417,11 @@ def test_token_loss_under_bfloat16_autocast_pads_the_output_product_and_scores_t
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert matmul.pad_rows(x).shape == (matmul.ROW_MULTIPLE, 12)
         assert not matmul.pad_rows(x)[13:].any()
+        multiplied = []                                             # rows of the output product
+        monkeypatch.setattr("seq2seq.model.pad_rows",
+                            lambda t: multiplied.append(matmul.pad_rows(t).size(0)) or matmul.pad_rows(t))
         padded, count = model.token_loss(src, src_len, tgt, tgt, 0.1)
+        assert multiplied == [matmul.ROW_MULTIPLE] and count < matmul.ROW_MULTIPLE   # padded with zero rows
         monkeypatch.setattr(matmul, "ROW_MULTIPLE", 1)
         plain, _ = model.token_loss(src, src_len, tgt, tgt, 0.1)
     assert count == int((tgt != 0).sum())
