@@ -194,7 +194,8 @@ def auto_precision(device: str | torch.device = "cpu") -> str:
     """"bfloat16" where `device` multiplies bfloat16 matrices in hardware, else "float32"."""
     device = torch.device(device)
     if device.type == "cpu":
-        return "bfloat16" if any(f in (cpu_flags() or ()) for f in BF16_COMPUTE_FLAGS) else "float32"
+        flags = cpu_flags() or set()
+        return "bfloat16" if any(f in flags for f in BF16_COMPUTE_FLAGS) else "float32"
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
     return "float32"

@@ -256,6 +256,19 @@ def test_output_layer_nll_equals_a_linear_layer_and_cross_entropy_loss(smoothing
         torch.testing.assert_close(a, b)
 
 
+def _record_pad_rows(monkeypatch, module: str) -> list[tuple[int, int]]:
+    """Patch `module`'s pad_rows to record (rows in, rows out) of each call; returns the record."""
+    from seq2seq import matmul
+    rows = []
+
+    def pad_rows(t):
+        out = matmul.pad_rows(t)
+        rows.append((t.size(0), out.size(0)))
+        return out
+    monkeypatch.setattr(f"{module}.pad_rows", pad_rows)
+    return rows
+
+
 def test_output_layer_nll_pads_the_chunks_oneDNN_multiplies_and_gives_padding_nothing(monkeypatch):
     from seq2seq import matmul
     if not matmul._onednn_available():
@@ -263,13 +276,7 @@ def test_output_layer_nll_pads_the_chunks_oneDNN_multiplies_and_gives_padding_no
     monkeypatch.setattr(matmul, "enabled", lambda: True)            # float32 products through oneDNN
     monkeypatch.setattr(matmul, "ROW_MULTIPLE", 8)
     monkeypatch.setattr("seq2seq.loss.CHUNK_BYTES", 4 * 13 * 10)    # 10 rows fit a chunk: 8, the multiple
-    rows = []                                                       # (rows in, rows multiplied) per chunk
-
-    def pad_rows(t):
-        out = matmul.pad_rows(t)
-        rows.append((t.size(0), out.size(0)))
-        return out
-    monkeypatch.setattr("seq2seq.loss.pad_rows", pad_rows)
+    rows = _record_pad_rows(monkeypatch, "seq2seq.loss")             # (rows in, rows multiplied) per chunk
     g = torch.Generator().manual_seed(7)
     x = torch.randn(23, 6, generator=g, requires_grad=True)
     layer = nn.Linear(6, 13)
@@ -417,11 +424,9 @@ def test_token_loss_under_bfloat16_autocast_pads_the_output_product_and_scores_t
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert matmul.pad_rows(x).shape == (matmul.ROW_MULTIPLE, 12)
         assert not matmul.pad_rows(x)[13:].any()
-        multiplied = []                                             # rows of the output product
-        monkeypatch.setattr("seq2seq.model.pad_rows",
-                            lambda t: multiplied.append(matmul.pad_rows(t).size(0)) or matmul.pad_rows(t))
+        rows = _record_pad_rows(monkeypatch, "seq2seq.model")        # (rows in, rows multiplied)
         padded, count = model.token_loss(src, src_len, tgt, tgt, 0.1)
-        assert multiplied == [matmul.ROW_MULTIPLE] and count < matmul.ROW_MULTIPLE   # padded with zero rows
+        assert rows == [(count, matmul.ROW_MULTIPLE)] and count < matmul.ROW_MULTIPLE   # padded with zero rows
         monkeypatch.setattr(matmul, "ROW_MULTIPLE", 1)
         plain, _ = model.token_loss(src, src_len, tgt, tgt, 0.1)
     assert count == int((tgt != 0).sum())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from importlib import resources
 
 import numpy as np
@@ -112,14 +113,14 @@ def test_the_full_recipes_model_size_follows_the_cpu_flags(monkeypatch, flags, e
     import seq2seq.train as train
     from omegaconf import OmegaConf
     monkeypatch.setattr(cpu, "cpu_fields", lambda: {"flags": flags})   # what every flag check reads
-    cpu = OmegaConf.create({"precision": "auto", "accelerator": "cpu"})
-    assert (train.full_recipe_size("en_de", cpu), train.full_recipe_size("de_en", cpu)) == (en_de, de_en)
+    auto = OmegaConf.create({"precision": "auto", "accelerator": "cpu"})
+    assert (train.full_recipe_size("en_de", auto), train.full_recipe_size("de_en", auto)) == (en_de, de_en)
     # an explicit float32 on a bfloat16 CPU trains in float32: the float32 sizes
     float32 = OmegaConf.create({"precision": "32-true", "accelerator": "cpu"})
     assert train.full_recipe_size("de_en", float32) == ("medium" if "avx512f" in flags else "small")
     assert train.full_recipe_size("de_en", OmegaConf.create({"precision": "32-true", "accelerator": "gpu"})) == "large"
     with pytest.raises(ValueError, match="direction must be en_de or de_en, got 'fr_en'"):
-        train.full_recipe_size("fr_en", cpu)
+        train.full_recipe_size("fr_en", auto)
 
 
 def test_the_run_records_which_precision_trained_it(toy_run):
@@ -226,8 +227,6 @@ def test_interrupted_and_resumed_training_equals_straight_training(tmp_path, toy
         cfg.paths.output_dir = str(tmp_path / name)
         train(cfg)
         return read_checkpoint(tmp_path / name / "checkpoints" / "last.ckpt")
-
-    import logging
 
     straight = run("straight", 50)
     run("resumed", 25)
