@@ -14,6 +14,10 @@
 # exists; otherwise the public original is downloaded. Extra arguments after the
 # direction are Hydra overrides for seq2seq-train.
 set -euo pipefail
+if [[ -n "${MULTI30K_DIR:-}" ]]; then  # a path of the caller's, before the cd below
+    [[ -d "$MULTI30K_DIR" ]] || { echo "MULTI30K_DIR=$MULTI30K_DIR is not a directory" >&2; exit 2; }
+    MULTI30K_DIR=$(cd "$MULTI30K_DIR" && pwd)
+fi
 cd "$(dirname "$0")/.."
 schedule=quick
 members=2
@@ -42,13 +46,20 @@ direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
 if [[ "$size" == medium && "$direction" != de_en ]]; then echo "--size medium is a De->En recipe: use small or large for en_de" >&2; exit 2; fi
 run_dir_given=""
+trainer_precision=auto
+trainer_accelerator=auto
 member_overrides=()  # under --full, each member trains in a directory of its own inside the run directory
 for arg in "$@"; do  # the Hydra overrides: a run directory of the user's wins, here too
-    if [[ "$arg" == hydra.run.dir=* ]]; then run_dir_given="${arg#hydra.run.dir=}"; continue; fi
+    if [[ "$arg" == --* ]]; then
+        echo "'$arg' after the direction: options go first (bash scripts/multi30k.sh --full ... ${direction})" >&2; exit 2
+    fi
+    if [[ "$arg" =~ ^\+{0,2}hydra\.run\.dir= ]]; then run_dir_given="${arg#*=}"; continue; fi
     member_overrides+=("$arg")
-    if [[ "$schedule" == full && "$arg" == seed=* ]]; then  # it would train the same model twice
+    if [[ "$schedule" == full && "$arg" =~ ^\+{0,2}seed= ]]; then  # it would train the same model twice
         echo "'$arg' would give every member the same seed: use --seed N (members get N, N+1, ...)" >&2; exit 2
     fi
+    if [[ "$arg" =~ ^\+{0,2}trainer\.precision= ]]; then trainer_precision="${arg#*=}"; fi
+    if [[ "$arg" =~ ^\+{0,2}trainer\.accelerator= ]]; then trainer_accelerator="${arg#*=}"; fi
 done
 src="${direction%_*}"; tgt="${direction#*_}"
 
@@ -74,7 +85,8 @@ else
     # of the 15.1 M model in the recipe's time against about 25 of the 5.3 M one (docs/RESULTS.md)
     if [[ "$size" == auto ]]; then
         size=$(python -c 'import sys; from omegaconf import OmegaConf; from seq2seq.train import full_recipe_size
-print(full_recipe_size(sys.argv[1], OmegaConf.create({"accelerator": "auto", "precision": "auto"})))' "$direction")
+print(full_recipe_size(sys.argv[1], OmegaConf.create({"accelerator": sys.argv[2], "precision": sys.argv[3]})))' \
+            "$direction" "$trainer_accelerator" "$trainer_precision")
         if [[ "$size" != large ]]; then
             echo ">>> This CPU has no bfloat16 instructions: the full recipe's ${size} model in float32 (--size large: 15.1 M)." >&2
         fi
@@ -94,6 +106,11 @@ else
     mkdir -p "$run_dir"
     threads=$(( $(nproc) / members )); (( threads >= 1 )) || threads=1
     pids=()
+    # background members ignore Ctrl-C: stop them with the script, or they would train on (and a
+    # rerun would resume the same directories beside them)
+    stop_members() { kill ${pids[@]+"${pids[@]}"} 2>/dev/null || true; }
+    trap 'stop_members; exit 130' INT
+    trap 'stop_members; exit 143' TERM
     checkpoints=()
     for member in $(seq 1 "$members"); do
         seed=$(( first_seed + member - 1 ))
@@ -106,9 +123,11 @@ else
     done
     failed=0
     for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
+    trap - INT TERM
     if (( failed )); then echo "training failed: see ${run_dir}/member*.out" >&2; exit 1; fi
-    if (( members == 1 )); then
-        cp "${run_dir}/member1/model.pt" "${run_dir}/model.pt"
+    if (( members == 1 )); then  # copied, then renamed: never a half-written model.pt
+        cp "${run_dir}/member1/model.pt" "${run_dir}/model.pt.partial"
+        mv "${run_dir}/model.pt.partial" "${run_dir}/model.pt"
     else
         seq2seq-ensemble "${checkpoints[@]}" -o "${run_dir}/model.pt"
     fi

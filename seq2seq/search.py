@@ -31,7 +31,7 @@ class Hypothesis:
     tokens: list[int]                       # output ids, without BOS/EOS
     score: float                            # what hypotheses are ranked by (normalised)
     log_prob: float                         # sum of token log-probabilities, EOS included
-    attention: torch.Tensor | None = None   # (steps, src_len), steps = len(tokens) (+1 with EOS)
+    attention: torch.Tensor | None = None   # (steps, src_len), steps = len(tokens) + 1 (EOS)
 
 
 @dataclass
@@ -63,6 +63,9 @@ class SearchOptions:
                                                    f"choose one of: {', '.join(NORMALISATIONS)}"),
             (self.alpha is None or (math.isfinite(self.alpha) and self.alpha >= 0),
              f"alpha must be a finite number >= 0, got {self.alpha}"),
+            (math.isfinite(self.max_len_a) and self.max_len_a >= 0,
+             f"max_len_a must be a finite number >= 0, got {self.max_len_a}"),
+            (self.max_output_len >= 1, f"max_output_len must be >= 1, got {self.max_output_len}"),
             (self.min_len >= 0, f"min_len must be >= 0, got {self.min_len}"),
             (self.no_repeat_ngram >= 0, f"no_repeat_ngram must be >= 0 (0 = off), got {self.no_repeat_ngram}"),
             (self.coverage_penalty >= 0, f"coverage_penalty must be >= 0, got {self.coverage_penalty}"),
@@ -110,7 +113,11 @@ def coverage_penalty(attention: torch.Tensor, beta: float) -> float:
 
 
 def max_lengths(src_len: torch.Tensor, a: float, b: int, cap: int) -> torch.Tensor:
-    """Maximum output length per sentence: min(a * src_len + b, cap), at least 1."""
+    """Maximum output length per sentence (subwords, EOS not counted): min(a * src_len + b, cap), at least 1.
+
+    An output that reaches its limit still ends with EOS (`force_eos`), so every hypothesis'
+    score includes the log-probability of its end, and a cut-off output does not outrank
+    finished ones by skipping it."""
     return (src_len.float() * a + b).floor().clamp(1, cap).long()
 
 
@@ -163,6 +170,19 @@ def constrain(log_probs: torch.Tensor, seqs: torch.Tensor, min_len: int, no_repe
     return log_probs
 
 
+def force_eos(log_probs: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Only EOS may follow in `rows` (rows,) bool, the outputs at their length limit (in place).
+
+    Call it before `constrain`: a row whose minimum length forbids EOS is then left with no
+    allowed token and gets EOS back, so the length limit wins over `min_len`.
+    """
+    if rows.any():
+        eos = log_probs[:, EOS_ID].clone()                                   # (rows,)
+        log_probs.masked_fill_(rows.unsqueeze(1), float("-inf"))
+        log_probs[:, EOS_ID] = eos
+    return log_probs
+
+
 def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
     """Keep the k largest logits of each row, -inf elsewhere; k=0 keeps all. (rows, vocab)."""
     if k <= 0 or k >= logits.size(-1):
@@ -212,7 +232,7 @@ def _one_path(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Te
     log_prob are the model's log-probabilities of the tokens chosen.
     """
     memory, state = model.encode(src, src_len)
-    batch, steps = src.size(0), int(max_len.max())
+    batch, steps = src.size(0), int(max_len.max()) + 1   # the longest output's subwords, then EOS
     device = src.device
     out = torch.full((batch, steps), EOS_ID, dtype=torch.long, device=device)  # (batch, steps)
     scores = torch.zeros(batch, device=device)
@@ -225,10 +245,12 @@ def _one_path(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Te
     fast = (choose is argmax_token and not no_repeat_ngram and FAST_GREEDY
             and getattr(model, "has_greedy_shortcut", False))
     for t in range(steps):
-        if fast and t >= min_len:
+        full = t >= limit[rows]                                             # (live,) only EOS may follow
+        if fast and t >= min_len and not full.any():
             token, token_lp, state, weights = model.greedy_step(prev, state, memory)  # (live,), (live,)
         else:
             log_probs, state, weights = model.decode_step(prev, state, memory)  # (live, vocab)
+            force_eos(log_probs, full)
             if t < min_len or no_repeat_ngram:
                 log_probs = constrain(log_probs, out[rows, :t], min_len, no_repeat_ngram)
             token = choose(log_probs)                                       # (live,)
@@ -238,7 +260,7 @@ def _one_path(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Te
         lengths[rows] = t + 1
         if attn is not None:
             attn[rows, t] = weights.float()
-        done = (token == EOS_ID) | (t + 1 >= limit[rows])
+        done = token == EOS_ID
         if done.all():
             break
         if done.any():
@@ -393,6 +415,7 @@ class BeamSearch:
         live = self.live
         log_probs, state, weights = self.model.decode_step(self.prev, self.state, self.memory)  # (live*k, vocab)
         vocab = log_probs.size(-1)
+        force_eos(log_probs, (self.steps >= self.limit).repeat_interleave(k))   # outputs at their limit
         if self.min_len or self.no_repeat_ngram:
             log_probs = constrain(log_probs, self.seqs, self.min_len, self.no_repeat_ngram,
                                   steps=self.steps.repeat_interleave(k))
@@ -412,9 +435,7 @@ class BeamSearch:
             self.attn_hist = torch.cat([self.attn_hist, weights.float().unsqueeze(1)], dim=1)
         self.steps += 1
 
-        at_limit = (self.steps >= self.limit).unsqueeze(1)                       # (live, 1)
-        ends = (token == EOS_ID) | at_limit                                      # (live, k)
-        ends &= top_scores > float("-inf")
+        ends = (token == EOS_ID) & (top_scores > float("-inf"))                  # (live, k)
         for i, j in ends.nonzero().tolist():
             n = int(self.steps[i])                                               # this sentence's output so far
             row = i * k + j
@@ -429,11 +450,12 @@ class BeamSearch:
 
         # the best any live beam can still reach, given its remaining length budget
         best_live = top_scores.max(dim=1).values                                 # (live,)
+        longest = self.limit.float() + 1          # a live beam could get as long as the limit, then EOS
         if self.normalisation == "gnmt" and self.alpha > 0:
-            best_live = best_live / length_penalty(self.limit.float(), self.alpha)
+            best_live = best_live / length_penalty(longest, self.alpha)
         elif self.normalisation == "average":
-            best_live = best_live / self.limit.float()   # a live beam could get as long as the limit
-        done = (best_live <= self.floor) | at_limit.squeeze(1) | torch.isneginf(best_live)  # (live,)
+            best_live = best_live / longest
+        done = (best_live <= self.floor) | torch.isneginf(best_live)            # (live,)
         self.beam_scores = top_scores
         self.prev = token.view(-1)
         if not done.any():

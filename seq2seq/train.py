@@ -180,7 +180,7 @@ def training_precision(trainer: DictConfig) -> str:
 def trains_in_float32_on_cpu(trainer: DictConfig) -> bool:
     """Whether training with these trainer settings runs on the CPU in float32 (for `auto`: a CPU
     without bfloat16 instructions), where scripts/multi30k.sh --full picks a smaller model."""
-    return _trains_on_cpu(trainer) and training_precision(trainer) == "32-true"
+    return _trains_on_cpu(trainer) and training_precision(trainer) in ("32-true", "32")
 
 
 def full_recipe_size(direction: str, trainer: DictConfig) -> str:

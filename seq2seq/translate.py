@@ -63,6 +63,12 @@ class ForcedScore:
         return self.log_prob / len(self.token_log_probs)
 
 
+def _positive(batch_size: int) -> int:
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    return batch_size
+
+
 class Translator:
     def __init__(self, model: Seq2Seq | Ensemble, src_tokenizer: Tokenizer, tgt_tokenizer: Tokenizer,
                  info: dict | None = None, *, device: str | torch.device = "cpu",
@@ -116,6 +122,17 @@ class Translator:
                 ids[i] = seq[:self.max_source_len]
         return ids
 
+    def _nonblank(self, lines: Sequence[str], first_line: int) -> tuple[list[int], list[list[int]]]:
+        """The positions of the lines the model sees, and their source ids (cropped).
+
+        A blank line is one with no subwords: empty, whitespace, or only characters the
+        tokenizer drops (a zero-width space, a byte-order mark).
+        """
+        todo = [i for i, line in enumerate(lines) if line.strip()]
+        ids = self._encode_sources([lines[i].strip() for i in todo], [first_line + i for i in todo])
+        kept = [j for j, seq in enumerate(ids) if seq]
+        return [todo[j] for j in kept], [ids[j] for j in kept]
+
     def translate_hypotheses(self, lines: Sequence[str], options: SearchOptions | None = None,
                              *, batch_size: int = 64, return_attention: bool = False,
                              first_line: int = 1, generator: torch.Generator | None = None
@@ -130,13 +147,12 @@ class Translator:
         if opts.sample and generator is None:
             generator = self.sampling_generator(opts.seed)
         results: list[list[Translation]] = [[Translation("", 0.0, 0.0, [])] for _ in lines]
-        todo = [i for i, line in enumerate(lines) if line.strip()]
+        todo, ids = self._nonblank(lines, first_line)
         if not todo:
             return results
-        ids = self._encode_sources([lines[i].strip() for i in todo], [first_line + i for i in todo])
         # longest first: similar lengths share a batch, and memory peaks early if at all
         order = sorted(range(len(todo)), key=lambda j: -len(ids[j]))
-        for start in range(0, len(order), batch_size):
+        for start in range(0, len(order), _positive(batch_size)):
             chunk = order[start:start + batch_size]
             src, src_len, limits = self._source_batch([ids[j] for j in chunk], opts)
             hyps = search(self.model, src, src_len, limits, opts, generator=generator,
@@ -187,13 +203,12 @@ class Translator:
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
         opts = self.resolve(options)
         results: list[ForcedScore | None] = [None] * len(sources)
-        todo = [i for i, line in enumerate(sources) if line.strip()]
+        todo, src_ids = self._nonblank(sources, first_line)
         if not todo:
             return results
-        src_ids = self._encode_sources([sources[i].strip() for i in todo], [first_line + i for i in todo])
         tgt_ids = self.tgt_tokenizer.encode([targets[i].strip() for i in todo])
         order = sorted(range(len(todo)), key=lambda j: -len(src_ids[j]))
-        for start in range(0, len(order), batch_size):
+        for start in range(0, len(order), _positive(batch_size)):
             chunk = order[start:start + batch_size]
             batch = collate([(j, np.asarray(src_ids[j], dtype=np.int64), np.asarray(tgt_ids[j], dtype=np.int64))
                              for j in chunk])
@@ -245,16 +260,17 @@ class TranslationStream:
                                  no_repeat_ngram=o.no_repeat_ngram, coverage_beta=o.coverage_penalty,
                                  return_attention=return_attention)
         self._sources: dict = {}   # tag -> (source ids, source length with EOS) of each sentence in flight
+        self._blank: dict = {}     # tag -> [empty Translation]: lines of no subwords, answered at the next step
 
     @property
     def live(self) -> int:
         """Sentences in flight."""
-        return self.search.live
+        return self.search.live + len(self._blank)
 
     @property
     def tags(self) -> list:
         """The tags of the sentences in flight."""
-        return list(self._sources)
+        return list(self._sources) + list(self._blank)
 
     def add(self, lines: Sequence[str], tags: Sequence, line_numbers: Sequence[int] | None = None) -> None:
         """Start translating `lines` (none blank); each result comes back from `step` with its tag.
@@ -266,11 +282,19 @@ class TranslationStream:
             raise ValueError(f"{len(lines)} lines but {len(tags)} tags")
         if any(not line.strip() for line in lines):
             raise ValueError("blank lines are answered without the model: do not add them to a stream")
+        if len(set(tags)) != len(tags) or any(tag in self._sources or tag in self._blank for tag in tags):
+            raise ValueError("tags must be distinct from each other and from those in flight")
         if not lines:
             return
         t = self.translator
         numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(lines) + 1))
         ids = t._encode_sources([line.strip() for line in lines], numbers)
+        # characters the tokenizer drops (a zero-width space) leave no subwords: blank, as offline
+        for tag in [tag for tag, seq in zip(tags, ids) if not seq]:
+            self._blank[tag] = [Translation("", 0.0, 0.0, [])]
+        tags, ids = [tag for tag, seq in zip(tags, ids) if seq], [seq for seq in ids if seq]
+        if not ids:
+            return
         src, src_len, limits = t._source_batch(ids, self.options)
         self.search.add(src, src_len, limits, tags)
         for tag, seq, n in zip(tags, ids, src_len.tolist()):
@@ -278,7 +302,8 @@ class TranslationStream:
 
     def step(self) -> list[tuple[object, list[Translation]]]:
         """One decoder step; (tag, translations best first) for each sentence that finished."""
-        out = []
+        out = list(self._blank.items())
+        self._blank.clear()
         for tag, hyps in self.search.step():
             seq, n_src = self._sources.pop(tag)
             out.append((tag, [self.translator._to_translation(h, seq, n_src, self.return_attention) for h in hyps]))
@@ -286,6 +311,9 @@ class TranslationStream:
 
     def drop(self, tags) -> None:
         """Stop translating these sentences (their caller gave up); unknown tags are ignored."""
+        tags = list(tags)
+        for t in tags:
+            self._blank.pop(t, None)
         tags = [t for t in tags if t in self._sources]
         self.search.drop(tags)
         for t in tags:

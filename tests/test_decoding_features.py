@@ -236,6 +236,9 @@ def test_sampling_is_reproducible_by_seed_and_leaves_the_global_rng_alone(toy_ru
     ({"no_repeat_ngram": -2}, "no_repeat_ngram must be >= 0 (0 = off), got -2"),
     ({"coverage_penalty": -0.1}, "coverage_penalty must be >= 0, got -0.1"),
     ({"normalisation": "avg"}, "'avg'; choose one of: gnmt, average, none"),
+    ({"max_len_a": math.nan}, "max_len_a must be a finite number >= 0, got nan"),
+    ({"max_len_a": -1.0}, "got -1.0"),
+    ({"max_output_len": 0}, "max_output_len must be >= 1, got 0"),
 ])
 def test_search_options_name_the_bad_value(bad, message):
     with pytest.raises(ValueError) as err:
@@ -338,8 +341,7 @@ def test_forced_score_of_the_greedy_output_is_its_log_prob(tiny_model, ensemble)
     hyps = [s[0] for s in greedy_search(model, src, src_len, limits, no_repeat_ngram=2)]
     token_lp = _forced(model, src, src_len, [h.tokens for h in hyps])
     for i, h in enumerate(hyps):
-        ended = len(h.tokens) < int(limits[i])    # with EOS; else cut at the limit, without it
-        n = len(h.tokens) + (1 if ended else 0)
+        n = len(h.tokens) + 1                      # EOS included, also where the output reached its limit
         assert float(token_lp[i, :n].sum()) == pytest.approx(h.log_prob, abs=1e-4)
 
 
@@ -353,9 +355,26 @@ def test_translator_scores_its_own_translations_and_blank_lines(toy_run):
         assert s.log_prob == pytest.approx(g.log_prob, abs=1e-4)
         assert sum(s.token_log_probs) == pytest.approx(s.log_prob, abs=1e-4)
         assert s.mean_log_prob == pytest.approx(s.log_prob / (len(g.pieces) + 1))
-    blank = translator.score(["", "   ", sources[0]], ["some target", "", ""])
+    blank = translator.score(["", "   ", sources[0], "\u200b", "\ufeff"], ["some target", "", "", "x", "x"])
     assert blank[0] is None and blank[1] is None
     assert blank[2].pieces == ["</s>"] and len(blank[2].token_log_probs) == 1 and blank[2].log_prob < 0
+    assert blank[3] is None and blank[4] is None   # no subwords (a zero-width space, a byte-order mark): blank
+
+
+def test_a_line_of_characters_the_tokenizer_drops_is_blank(toy_run):
+    """A zero-width space or a byte-order mark alone encodes to no subwords: such a line gets
+    an empty translation, like an empty line, instead of one made up from EOS alone."""
+    translator = Translator.from_checkpoint(toy_run["model"])
+    source = (toy_run["data"] / "test.src").read_text().splitlines()[0]
+    lines = ["\u200b", source, "\ufeff", " \u200b\ufeff "]
+    assert [translator.src_tokenizer.encode([line])[0] for line in lines[::2]] == [[], []]
+    for options in (SearchOptions(beam_size=1), SearchOptions(beam_size=3, nbest=2)):
+        hyps = translator.translate_hypotheses(lines, options)
+        assert [h[0].text for h in hyps] == ["", translator.translate(source, options=options), "", ""]
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        translator.translate(lines, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got -1"):
+        translator.score(lines, lines, batch_size=-1)
 
 
 # ---- the command line -----------------------------------------------------------

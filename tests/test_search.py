@@ -83,6 +83,48 @@ def test_output_never_exceeds_the_length_limit(tiny_model):
         assert len(hyps[0][0].tokens) <= 2 and len(hyps[1][0].tokens) <= 5
 
 
+class _Rows:
+    """The state and memory of `_Looping`: nothing but a row count."""
+
+    def __init__(self, rows: int):
+        self.rows = rows
+
+    def index_select(self, index):
+        return _Rows(len(index))
+
+    def cat(self, other):
+        return _Rows(self.rows + other.rows)
+
+
+class _Looping:
+    """A model that at every step gives subword 4 probability 0.9 and EOS 0.05: a repetition loop."""
+
+    PROBS = torch.tensor([0.0125, 0.0125, 0.0125, 0.05, 0.9, 0.0125])   # EOS_ID is 3
+
+    def encode(self, src, src_len):
+        return _Rows(src.size(0)), _Rows(src.size(0))
+
+    def decode_step(self, prev, state, memory):
+        rows = prev.size(0)
+        return self.PROBS.log().expand(rows, -1).clone(), _Rows(rows), torch.ones(rows, 1)
+
+
+def test_an_output_cut_at_the_limit_pays_for_its_eos():
+    """An output that reaches its length limit ends with EOS like any other, and EOS's
+    log-probability counts: a loop cut off at the limit must not outrank a finished output."""
+    model, src, src_len, limits = _Looping(), torch.tensor([[5, 3]]), torch.tensor([2]), torch.tensor([20])
+    log_p, log_eos = (float(p) for p in _Looping.PROBS.log()[[4, 3]])
+    cut = 20 * log_p + log_eos                       # 20 subwords of the loop, then EOS
+    (greedy,) = greedy_search(model, src, src_len, limits)
+    assert greedy[0].tokens == [4] * 20 and greedy[0].log_prob == pytest.approx(cut, abs=1e-4)
+    hyps = beam_search(model, src, src_len, limits, 4, nbest=4, normalisation="none")[0]
+    assert hyps[0].tokens == [] and hyps[0].log_prob == pytest.approx(log_eos, abs=1e-5)   # EOS at once wins
+    beam = beam_search(model, src, src_len, limits, 4, nbest=4, alpha=0.6)[0]
+    longest = max(beam, key=lambda h: len(h.tokens))
+    assert len(longest.tokens) == 20 and longest.log_prob == pytest.approx(cut, abs=1e-4)
+    assert all(len(h.tokens) <= 20 for h in beam)
+
+
 def test_penalties_are_pure_functions():
     assert length_penalty(1.0, 0.0) == 1.0
     assert length_penalty(7.0, 1.0) == pytest.approx(2.0)

@@ -67,13 +67,13 @@ def offline(translator: Translator, lines: list[str], **options):
 # ---- results --------------------------------------------------------------------------
 
 def test_translations_equal_the_offline_translator_with_blanks_kept_in_place(client, translator, sentences):
-    text = [sentences[0], "", sentences[1], "   ", sentences[2]]
+    text = [sentences[0], "", sentences[1], "   ", sentences[2], "\u200b", "\ufeff"]   # the last two: no subwords
     r = client.post("/translate", json={"text": text, "beam_size": 5})
     assert r.status_code == 200, r.text
     body = r.json()
     expected = offline(translator, text, beam_size=5)
     assert body["translations"] == [h[0].text for h in expected]
-    assert body["translations"][1] == body["translations"][3] == ""
+    assert body["translations"][1] == body["translations"][3] == body["translations"][5] == body["translations"][6] == ""
     assert body["scores"] == pytest.approx([h[0].score for h in expected], abs=1e-4)
     assert body["model"] == "model.pt" and body["elapsed_ms"] > 0 and body["attention"] is None
 
@@ -300,6 +300,21 @@ class GatedStreams:
             return step()
         stream.step = gated_step
         return stream
+
+
+def test_a_stream_refuses_a_tag_twice_and_answers_lines_without_subwords_at_once(translator, sentences):
+    stream = translator.stream(SearchOptions(beam_size=3))
+    with pytest.raises(ValueError, match="tags must be distinct"):
+        stream.add(sentences[:2], tags=["x", "x"])
+    assert stream.live == 0
+    stream.add([sentences[0], "\u200b"], tags=["a", "zw"])
+    with pytest.raises(ValueError, match="tags must be distinct"):
+        stream.add([sentences[1]], tags=["zw"])       # still in flight
+    done = dict(stream.step())
+    assert done["zw"][0].text == "" and stream.tags == ["a"]
+    while stream.live:
+        done.update(stream.step())
+    assert done["a"][0].text == offline(translator, sentences[:1], beam_size=3)[0][0].text
 
 
 def test_a_sentence_joins_a_running_stream_at_its_next_step(translator, sentences):

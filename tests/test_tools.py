@@ -9,10 +9,12 @@ import json
 import os
 import pty
 import shutil
+import signal
 import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import lightning
@@ -358,41 +360,88 @@ def test_the_benchmark_leaves_out_bfloat16_only_where_asked_or_emulated():
     (["--seed", "3", "en_de"], "--seed applies to --full only (the quick schedule takes seed=N)"),
     (["--full", "de_en", "trainer.max_epochs=2", "seed=7"],
      "'seed=7' would give every member the same seed: use --seed N (members get N, N+1, ...)"),
+    (["--full", "en_de", "++seed=7"],
+     "'++seed=7' would give every member the same seed: use --seed N (members get N, N+1, ...)"),
+    (["de_en", "--full"], "'--full' after the direction: options go first (bash scripts/multi30k.sh --full ... de_en)"),
+    (["--full", "de_en", "--seed", "3"],
+     "'--seed' after the direction: options go first (bash scripts/multi30k.sh --full ... de_en)"),
+    (["MULTI30K_DIR=no/such/dir"], "MULTI30K_DIR=no/such/dir is not a directory"),
 ])
 def test_the_main_script_refuses_bad_options_before_installing_anything(args, message, tmp_path):
     # a copy of the script in an empty tree: had it gone on, it would have failed on scripts/setup.sh
     (tmp_path / "scripts").mkdir()
     shutil.copy(ROOT / "scripts" / "multi30k.sh", tmp_path / "scripts" / "multi30k.sh")
+    env = dict(os.environ, **dict(a.split("=", 1) for a in args if a.startswith("MULTI30K_DIR=")))
+    args = [a for a in args if not a.startswith("MULTI30K_DIR=")]
     proc = subprocess.run(["bash", str(tmp_path / "scripts" / "multi30k.sh"), *args], capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, env=env, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stderr.strip() == message, proc.stderr
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["multi30k.sh", "scripts"]
 
 
-@pytest.mark.parametrize("one_core, size, direction", [(False, None, "en_de"), (True, None, "en_de"),
-                                                       (False, "small", "en_de"), (True, "large", "en_de"),
-                                                       (False, None, "de_en"), (False, "medium", "de_en")])
-def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(one_core, size, direction,
-                                                                                               tmp_path):
-    """`--full ... hydra.run.dir=X`: the members train in X/member1, X/member2 (were the user's
-    override passed on after theirs, Hydra's last value would win and both would share X); on
-    one core (taskset), one member has it to itself. The model: `--size`, by default
-    `full_recipe_size` (tests/test_train.py holds it to the CPU flags)."""
+def _script_tree(tmp_path: Path, train_body: str) -> Path:
+    """A copy of scripts/multi30k.sh with no-op setup, prepared data and a stand-in seq2seq-train."""
     tree = tmp_path / "tree"
     for d in ("scripts", ".venv/bin", "fake", "data/multi30k"):
         (tree / d).mkdir(parents=True)
     shutil.copy(ROOT / "scripts" / "multi30k.sh", tree / "scripts" / "multi30k.sh")
     (tree / "scripts" / "setup.sh").write_text("true\n")
     (tree / "data" / "multi30k" / "prepare.json").write_text("{}\n")
-    # a stand-in seq2seq-train that records its arguments, one line a call, and fails
     fake = tree / "fake" / "seq2seq-train"
-    fake.write_text(f'#!/usr/bin/env bash\nprintf "%s\\n" "threads=$OMP_NUM_THREADS $*" >> "{tmp_path}/calls"\n'
-                    f'exit 3\n')
+    fake.write_text("#!/usr/bin/env bash\n" + train_body)
     fake.chmod(0o755)
     (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{tree / "fake"}:{Path(sys.executable).parent}:$PATH"\n')
+    return tree
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGINT, signal.SIGTERM])
+def test_stopping_the_full_recipe_script_stops_its_members(signal_number, tmp_path):
+    """The members train in the background, where bash has them ignore Ctrl-C: the script must
+    stop them when it is stopped, or they would train on beside a rerun resuming their directories."""
+    pids = tmp_path / "pids"
+    tree = _script_tree(tmp_path, f'echo $$ >> "{pids}"\nsleep 60\n')
+    proc = subprocess.Popen(["bash", str(tree / "scripts" / "multi30k.sh"), "--full", "--members", "2", "--size", "small",
+                             "en_de"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len(pids.read_text().split() if pids.exists() else []) < 2:
+        time.sleep(0.05)
+    members = [int(p) for p in pids.read_text().split()]
+    assert len(members) == 2
+    proc.send_signal(signal_number)
+    code = proc.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(map(_running, members)):
+        time.sleep(0.05)
+    assert not any(map(_running, members)), "a member outlived the script"
+    assert code == 128 + signal_number   # the script's own exit, from its trap
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and has not exited (a zombie waiting to be reaped has)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+@pytest.mark.parametrize("one_core, size, direction, extra", [
+    (False, None, "en_de", []), (True, None, "en_de", []), (False, "small", "en_de", []),
+    (True, "large", "en_de", []), (False, None, "de_en", []), (False, "medium", "de_en", []),
+    (False, None, "en_de", ["trainer.precision=32-true"]), (False, None, "de_en", ["trainer.precision=bf16-mixed"])])
+def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_users_run_dir(one_core, size, direction,
+                                                                                               extra, tmp_path):
+    """`--full ... hydra.run.dir=X`: the members train in X/member1, X/member2 (were the user's
+    override passed on after theirs, Hydra's last value would win and both would share X); on
+    one core (taskset), one member has it to itself. The model: `--size`, by default
+    `full_recipe_size` for the precision the members will train in (tests/test_train.py holds
+    it to the CPU flags)."""
+    # a stand-in seq2seq-train that records its arguments, one line a call, and fails
+    tree = _script_tree(tmp_path, f'printf "%s\\n" "threads=$OMP_NUM_THREADS $*" >> "{tmp_path}/calls"\nexit 3\n')
     pin = ["taskset", "-c", str(min(os.sched_getaffinity(0)))] if one_core else []
     proc = subprocess.run([*pin, "bash", str(tree / "scripts" / "multi30k.sh"), "--full",
-                           *(["--size", size] if size else []), direction, "hydra.run.dir=runs/mine", "trainer.max_epochs=2"],
+                           *(["--size", size] if size else []), direction, "hydra.run.dir=runs/mine", "trainer.max_epochs=2",
+                           *extra],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "training failed: see runs/mine/member*.out" in proc.stderr, proc.stderr
     calls = sorted((tmp_path / "calls").read_text().splitlines())
@@ -402,7 +451,9 @@ def test_the_full_recipe_script_trains_each_member_in_its_own_directory_under_a_
         args = call.split()
         assert [a for a in args if a.startswith("hydra.run.dir=")] == [f"hydra.run.dir=runs/mine/member{member}"]
         assert f"seed={member}" in args and "trainer.max_epochs=2" in args
-        expected = size or full_recipe_size(direction, OmegaConf.create({}))
+        assert all(a in args for a in extra)
+        trainer = OmegaConf.from_dotlist(["trainer.precision=auto", *extra]).trainer
+        expected = size or full_recipe_size(direction, trainer)
         recipe = f"multi30k_{direction}" + ("" if expected == "large" else f"_{expected}")
         assert args[1] == f"experiment={recipe}"
         assert args[0] == f"threads={max(cores // len(calls), 1)}"

@@ -100,6 +100,7 @@ def test_auto_training_precision_follows_the_cpu_flags(monkeypatch, flags, expec
     cpu = OmegaConf.create({"precision": "auto", "accelerator": "cpu"})
     assert train.trains_in_float32_on_cpu(cpu) == (expected == "32-true")
     assert not train.trains_in_float32_on_cpu(OmegaConf.create({"precision": "32-true", "accelerator": "gpu"}))
+    assert train.trains_in_float32_on_cpu(OmegaConf.create({"precision": 32, "accelerator": "cpu"}))   # Lightning's "32"
 
 
 @pytest.mark.parametrize("flags,en_de,de_en", [
