@@ -379,6 +379,35 @@ def test_the_main_script_refuses_bad_options_before_installing_anything(args, me
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["multi30k.sh", "scripts"]
 
 
+def test_setup_installs_once_and_again_only_when_pyproject_changes(tmp_path):
+    """A second `scripts/setup.sh` only checks (so it works offline); a changed pyproject.toml
+    or new extras install again. python, python3 and the venv are stand-ins that log their calls."""
+    tree, calls = tmp_path / "tree", tmp_path / "calls"
+    for d in ("scripts", ".venv/bin", "fake"):
+        (tree / d).mkdir(parents=True)
+    shutil.copy(ROOT / "scripts" / "setup.sh", tree / "scripts" / "setup.sh")
+    (tree / "pyproject.toml").write_text("[project]\nname = 'x'\n")
+    for exe in (tree / ".venv" / "bin" / "python", tree / "fake" / "python3"):
+        exe.write_text(f'#!/usr/bin/env bash\necho "$*" >> "{calls}"\n')
+        exe.chmod(0o755)
+    (tree / ".venv" / "bin" / "activate").write_text(f'PATH="{tree / ".venv" / "bin"}:$PATH"\n')
+    env = dict(os.environ, PATH=f"{tree / 'fake'}:{os.environ['PATH']}")
+
+    def setup(*extras: str) -> list[str]:
+        calls.write_text("")
+        proc = subprocess.run(["bash", str(tree / "scripts" / "setup.sh"), *extras], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return [c for c in calls.read_text().splitlines() if "-m pip" in c]
+
+    assert "-m pip install --quiet -e ." in setup()          # no stamp yet: installs
+    assert setup() == []                                     # installed: only checks
+    assert "-m pip install --quiet -e .[docs]" in setup("docs")   # extras it has not installed
+    assert setup("docs") == [] and setup() == []
+    (tree / "pyproject.toml").write_text("[project]\nname = 'x'\nversion = '2'\n")
+    assert "-m pip install --quiet -e ." in setup()          # a changed pyproject.toml: again
+
+
 def _script_tree(tmp_path: Path, train_body: str) -> Path:
     """A copy of scripts/multi30k.sh with no-op setup, prepared data and a stand-in seq2seq-train."""
     tree = tmp_path / "tree"
