@@ -329,6 +329,21 @@ def averages_weights(train: DictConfig) -> bool:
     return float(train.get("ema_decay") or 0.0) > 0 or train.get("ema_half_life") is not None
 
 
+class StayStopped(EarlyStopping):
+    """EarlyStopping whose decision survives a resume: rerunning a run it ended trains no further.
+
+    Lightning restores the callback's counters from last.ckpt but not `trainer.should_stop`, so
+    the resumed loop went on training towards max_epochs; here a restored stop stops it again.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        if self.stopped_epoch > 0 or self.wait_count >= self.patience:
+            log.info("early stopping ended this run (%d validations without a better %s): nothing more to train",
+                     self.wait_count, self.monitor)
+            trainer.should_stop = True
+
+
 def early_stopping(cfg: DictConfig) -> list[EarlyStopping]:
     """Stop after train.early_stopping_patience validations without a better BLEU (0: never).
 
@@ -340,7 +355,7 @@ def early_stopping(cfg: DictConfig) -> list[EarlyStopping]:
     patience = int(cfg.train.early_stopping_patience)
     if patience <= 0 or cfg.optim.scheduler == "anneal":
         return []
-    return [EarlyStopping(monitor="val/bleu", mode="max", patience=patience, check_finite=True, strict=False)]
+    return [StayStopped(monitor="val/bleu", mode="max", patience=patience, check_finite=True, strict=False)]
 
 
 def clear_previous_outputs(run_dir: Path) -> None:

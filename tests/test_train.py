@@ -709,3 +709,31 @@ def test_resuming_on_other_training_data_is_refused(tmp_path, toy_data):
     assert f"was trained on {toy_data}/train." in err and f"this run asks for {other}/train." in err
     assert "train.resume=false" in err
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").read_bytes() == ckpt
+
+
+def test_a_run_that_early_stopping_ended_stays_ended_when_resumed(tmp_path):
+    """Rerunning a finished run resumes its last.ckpt; after early stopping, that must train nothing
+    more (Lightning restores the callback's counters, not its decision to stop)."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from omegaconf import OmegaConf
+
+    from seq2seq.train import LastCheckpoint, early_stopping
+
+    class NeverBetter(BoringModel):
+        def validation_step(self, batch, batch_idx):
+            self.log("val/bleu", 1.0)   # the same score every time: patience runs out
+
+    cfg = OmegaConf.create({"train": {"early_stopping_patience": 2}, "optim": {"scheduler": "plateau"}})
+
+    def fit(resume: bool) -> L.Trainer:
+        trainer = L.Trainer(max_epochs=20, limit_train_batches=2, limit_val_batches=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                            callbacks=[LastCheckpoint(tmp_path, every_n_train_steps=0), *early_stopping(cfg)])
+        trainer.fit(NeverBetter(), ckpt_path=str(tmp_path / "last.ckpt") if resume else None)
+        return trainer
+
+    first = fit(resume=False)
+    assert first.current_epoch == 3 and first.global_step == 6   # epoch 0 sets the best, 1 and 2 do not
+    again = fit(resume=True)
+    assert again.global_step == first.global_step
