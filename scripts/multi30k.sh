@@ -12,7 +12,7 @@
 #
 # Data: a local copy at $MULTI30K_DIR (default ../shared/data/multi30k) is used when it
 # exists; otherwise the public original is downloaded. Extra arguments after the
-# direction are Hydra overrides for seq2seq-train.
+# direction are Hydra overrides for seq2seq-train (name=NAME: the run goes to runs/NAME).
 set -euo pipefail
 if [[ -n "${MULTI30K_DIR:-}" ]]; then  # a path of the caller's, before the cd below
     [[ -d "$MULTI30K_DIR" ]] || { echo "MULTI30K_DIR=$MULTI30K_DIR is not a directory" >&2; exit 2; }
@@ -46,6 +46,7 @@ direction="${1:-en_de}"; shift || true
 case "$direction" in en_de|de_en) ;; *) echo "direction must be en_de or de_en, got '$direction'" >&2; exit 2;; esac
 if [[ "$size" == medium && "$direction" != de_en ]]; then echo "--size medium is a De->En recipe: use small or large for en_de" >&2; exit 2; fi
 run_dir_given=""
+name_given=""
 trainer_precision=auto
 trainer_accelerator=auto
 member_overrides=()  # under --full, each member trains in a directory of its own inside the run directory
@@ -54,6 +55,7 @@ for arg in "$@"; do  # the Hydra overrides: a run directory of the user's wins, 
         echo "'$arg' after the direction: options go first (bash scripts/multi30k.sh --full ... ${direction})" >&2; exit 2
     fi
     if [[ "$arg" =~ ^\+{0,2}hydra\.run\.dir= ]]; then run_dir_given="${arg#*=}"; continue; fi
+    if [[ "$arg" =~ ^\+{0,2}name= ]]; then name_given="${arg#*=}"; fi   # runs/NAME, as seq2seq-train does
     member_overrides+=("$arg")
     if [[ "$schedule" == full && "$arg" =~ ^\+{0,2}seed= ]]; then  # it would train the same model twice
         echo "'$arg' would give every member the same seed: use --seed N (members get N, N+1, ...)" >&2; exit 2
@@ -96,6 +98,7 @@ fi
 run_dir="runs/${experiment}"
 # other seeds train in a directory of their own: the default one would resume seed 1's members
 if (( first_seed != 1 )); then run_dir="${run_dir}_seed${first_seed}"; fi
+if [[ -n "$name_given" ]]; then run_dir="runs/${name_given}"; fi
 run_dir="${run_dir_given:-$run_dir}"
 if [[ "$schedule" == quick ]]; then
     seq2seq-train "experiment=${experiment}" "hydra.run.dir=${run_dir}" "$@"

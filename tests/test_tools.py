@@ -446,6 +446,20 @@ def test_stopping_the_full_recipe_script_stops_its_members(signal_number, tmp_pa
     assert code == 128 + signal_number   # the script's own exit, from its trap
 
 
+@pytest.mark.parametrize("args, run_dir", [
+    (["en_de", "seed=3", "name=seed3"], "runs/seed3"),                       # quick: another seed, its own run
+    (["--full", "de_en", "name=mine"], "runs/mine/member1"),
+    (["--full", "de_en", "name=mine", "hydra.run.dir=runs/x"], "runs/x/member1"),   # the directory wins
+])
+def test_the_main_script_trains_in_runs_name_like_seq2seq_train(args, run_dir, tmp_path):
+    tree = _script_tree(tmp_path, f'printf "%s\\n" "$*" >> "{tmp_path}/calls"\nexit 3\n')
+    proc = subprocess.run(["bash", str(tree / "scripts" / "multi30k.sh"), *args], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0, proc.stderr
+    first = sorted((tmp_path / "calls").read_text().splitlines())[0].split()
+    assert [a for a in first if a.startswith("hydra.run.dir=")][-1] == f"hydra.run.dir={run_dir}"
+
+
 def _running(pid: int) -> bool:
     """Whether process `pid` exists and has not exited (a zombie waiting to be reaped has)."""
     try:
