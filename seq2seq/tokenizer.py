@@ -86,6 +86,8 @@ class Tokenizer:
         return self.sp.encode(line, out_type=str)
 
     def decode(self, ids: Sequence[Sequence[int]]) -> list[str]:
+        """Ids -> text, special ids dropped: an <unk> in a model's output leaves no mark in
+        the text (SentencePiece would print " ⁇ "); Translation.pieces keeps it."""
         return [self.sp.decode([i for i in seq if i > EOS_ID]) for seq in ids]
 
     def id_to_piece(self, ids: Iterable[int]) -> list[str]:

@@ -21,6 +21,9 @@ def test_tokenizer_round_trip(toy_data, toy_tokenizer):
     lines = (toy_data / "valid.tgt").read_text().splitlines()[:20]
     assert toy_tokenizer.decode(toy_tokenizer.encode(lines)) == lines
     assert toy_tokenizer.sp.pad_id() == PAD_ID and toy_tokenizer.sp.eos_id() == EOS_ID
+    # special ids leave no text: an <unk> (id 1) in an output is dropped, not printed as " ⁇ "
+    ids = toy_tokenizer.encode(lines[:1])[0]
+    assert toy_tokenizer.decode([[2, *ids[:1], 1, *ids[1:], 3, 0]]) == lines[:1]
 
 
 def test_tokenizer_encodes_few_and_many_lines_alike(toy_data, toy_tokenizer):
