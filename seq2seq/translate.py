@@ -63,10 +63,9 @@ class ForcedScore:
         return self.log_prob / len(self.token_log_probs)
 
 
-def _positive(batch_size: int) -> int:
+def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    return batch_size
 
 
 class Translator:
@@ -143,6 +142,7 @@ class Translator:
         `generator` draws the samples when `options.sample` (default: seeded with
         options.seed); pass the same one to successive calls to continue one stream.
         """
+        _check_batch_size(batch_size)
         opts = self.resolve(options)
         if opts.sample and generator is None:
             generator = self.sampling_generator(opts.seed)
@@ -152,7 +152,7 @@ class Translator:
             return results
         # longest first: similar lengths share a batch, and memory peaks early if at all
         order = sorted(range(len(todo)), key=lambda j: -len(ids[j]))
-        for start in range(0, len(order), _positive(batch_size)):
+        for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             src, src_len, limits = self._source_batch([ids[j] for j in chunk], opts)
             hyps = search(self.model, src, src_len, limits, opts, generator=generator,
@@ -201,6 +201,7 @@ class Translator:
         """
         if len(sources) != len(targets):
             raise ValueError(f"{len(sources)} sources but {len(targets)} targets")
+        _check_batch_size(batch_size)
         opts = self.resolve(options)
         results: list[ForcedScore | None] = [None] * len(sources)
         todo, src_ids = self._nonblank(sources, first_line)
@@ -208,7 +209,7 @@ class Translator:
             return results
         tgt_ids = self.tgt_tokenizer.encode([targets[i].strip() for i in todo])
         order = sorted(range(len(todo)), key=lambda j: -len(src_ids[j]))
-        for start in range(0, len(order), _positive(batch_size)):
+        for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             batch = collate([(j, np.asarray(src_ids[j], dtype=np.int64), np.asarray(tgt_ids[j], dtype=np.int64))
                              for j in chunk])

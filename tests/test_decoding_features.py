@@ -373,6 +373,8 @@ def test_a_line_of_characters_the_tokenizer_drops_is_blank(toy_run):
         assert [h[0].text for h in hyps] == ["", translator.translate(source, options=options), "", ""]
     with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
         translator.translate(lines, batch_size=0)
+    with pytest.raises(ValueError, match="batch_size must be >= 1, got 0"):
+        translator.translate(["", "\u200b"], batch_size=0)   # refused even when no line needs the model
     with pytest.raises(ValueError, match="batch_size must be >= 1, got -1"):
         translator.score(lines, lines, batch_size=-1)
 
