@@ -54,14 +54,18 @@ for arg in "$@"; do  # the Hydra overrides: a run directory of the user's wins, 
     if [[ "$arg" == --* ]]; then
         echo "'$arg' after the direction: options go first (bash scripts/multi30k.sh --full ... ${direction})" >&2; exit 2
     fi
-    if [[ "$arg" =~ ^\+{0,2}hydra\.run\.dir= ]]; then run_dir_given="${arg#*=}"; continue; fi
-    if [[ "$arg" =~ ^\+{0,2}name= ]]; then name_given="${arg#*=}"; fi   # runs/NAME, as seq2seq-train does
+    key=""; if [[ "$arg" =~ ^\+{0,2}([^=]+)= ]]; then key="${BASH_REMATCH[1]}"; fi   # also +key=, ++key=
+    value="${arg#*=}"
+    if [[ "$key" == hydra.run.dir ]]; then run_dir_given="$value"; continue; fi
     member_overrides+=("$arg")
-    if [[ "$schedule" == full && "$arg" =~ ^\+{0,2}seed= ]]; then  # it would train the same model twice
-        echo "'$arg' would give every member the same seed: use --seed N (members get N, N+1, ...)" >&2; exit 2
-    fi
-    if [[ "$arg" =~ ^\+{0,2}trainer\.precision= ]]; then trainer_precision="${arg#*=}"; fi
-    if [[ "$arg" =~ ^\+{0,2}trainer\.accelerator= ]]; then trainer_accelerator="${arg#*=}"; fi
+    case "$key" in
+        name) name_given="$value";;   # runs/NAME, as seq2seq-train does
+        seed) if [[ "$schedule" == full ]]; then  # it would train the same model twice
+                  echo "'$arg' would give every member the same seed: use --seed N (members get N, N+1, ...)" >&2; exit 2
+              fi;;
+        trainer.precision) trainer_precision="$value";;
+        trainer.accelerator) trainer_accelerator="$value";;
+    esac
 done
 src="${direction%_*}"; tgt="${direction#*_}"
 

@@ -8,12 +8,12 @@ cd "$(dirname "$0")/.."
 extras="${1:-}"
 stamp=.venv/.seq2seq-installed   # pyproject.toml's hash and the extras of the last complete install
 project="$(cksum < pyproject.toml | tr ' ' '-')"
-installed=""
-if [[ -f "$stamp" && -x .venv/bin/python ]] && .venv/bin/python -c "import torch, seq2seq" 2>/dev/null; then
+ready() { .venv/bin/python -c "import torch, seq2seq; print(f'seq2seq ready: torch {torch.__version__}', flush=True)"; }
+installed=""   # 1 where the last complete install is this one and still imports; `ready` said $status
+if [[ -f "$stamp" ]]; then
     read -r stamp_project stamp_extras < "$stamp" || true
-    if [[ "${stamp_project:-}" == "$project" && ( -z "$extras" || "$extras" == "${stamp_extras:-}" ) ]]; then
-        installed=1
-    fi
+    if [[ "${stamp_project:-}" == "$project" && ( -z "$extras" || "$extras" == "${stamp_extras:-}" ) ]] \
+        && status="$(ready 2>/dev/null)"; then installed=1; fi
 fi
 install() {
     rm -f "$stamp"
@@ -65,4 +65,4 @@ if [[ ",${extras}," == *",test,"* ]] && [ ! -x /usr/bin/chromium ]; then
         echo "warning: ${message}" >&2
     fi
 fi
-python -c "import torch, seq2seq; print(f'seq2seq ready: torch {torch.__version__}', flush=True)"
+if [[ -n "$installed" ]]; then echo "$status"; else ready; fi

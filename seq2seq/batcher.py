@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from .search import SearchOptions
-from .translate import Translation, TranslationStream
+from .translate import Translation, TranslationStream, blank_translations
 
 log = logging.getLogger(__name__)
 
@@ -101,11 +101,6 @@ class _Entry:
     index: int                    # position in request.sentences
     key: tuple                    # search options and attention as a hashable value: equal keys share a stream
     arrived: float = field(default_factory=time.monotonic)
-
-
-def _blank() -> list[Translation]:
-    # what translate_hypotheses returns for a blank line: the model never sees it
-    return [Translation("", 0.0, 0.0, [])]
 
 
 class Batcher:
@@ -174,7 +169,7 @@ class Batcher:
             raise ValueError("sampling is not batched: a sample would depend on the other sentences in its batch")
         future: Future = Future()
         request = _Request(list(sentences), options, attention, future,
-                           [None if s.strip() else _blank() for s in sentences], 0)
+                           [None if s.strip() else blank_translations() for s in sentences], 0)
         # only sentence 0 of a request that asks for attention needs a stream that keeps it
         key = tuple(vars(options).values())   # the options' fields in order (astuple deep-copies: slower)
         entries = [_Entry(request, i, (key, attention and i == 0))

@@ -244,13 +244,15 @@ def _one_path(model, src: torch.Tensor, src_len: torch.Tensor, max_len: torch.Te
     # plain greedy steps may skip the full log-softmax (Seq2Seq.greedy_step; not int8, not ensembles)
     fast = (choose is argmax_token and not no_repeat_ngram and FAST_GREEDY
             and getattr(model, "has_greedy_shortcut", False))
+    shortest = int(limit.min())   # before this step no output is at its limit
     for t in range(steps):
-        full = t >= limit[rows]                                             # (live,) only EOS may follow
-        if fast and t >= min_len and not full.any():
+        full = t >= limit[rows] if t >= shortest else None                  # (live,) only EOS may follow
+        if fast and t >= min_len and (full is None or not full.any()):
             token, token_lp, state, weights = model.greedy_step(prev, state, memory)  # (live,), (live,)
         else:
             log_probs, state, weights = model.decode_step(prev, state, memory)  # (live, vocab)
-            force_eos(log_probs, full)
+            if full is not None:
+                force_eos(log_probs, full)
             if t < min_len or no_repeat_ngram:
                 log_probs = constrain(log_probs, out[rows, :t], min_len, no_repeat_ngram)
             token = choose(log_probs)                                       # (live,)

@@ -63,6 +63,11 @@ class ForcedScore:
         return self.log_prob / len(self.token_log_probs)
 
 
+def blank_translations() -> list[Translation]:
+    """What a blank line gets, a line with no subwords: one empty translation; the model never sees it."""
+    return [Translation("", 0.0, 0.0, [])]
+
+
 def _check_batch_size(batch_size: int) -> None:
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -146,7 +151,7 @@ class Translator:
         opts = self.resolve(options)
         if opts.sample and generator is None:
             generator = self.sampling_generator(opts.seed)
-        results: list[list[Translation]] = [[Translation("", 0.0, 0.0, [])] for _ in lines]
+        results: list[list[Translation]] = [blank_translations() for _ in lines]
         todo, ids = self._nonblank(lines, first_line)
         if not todo:
             return results
@@ -261,7 +266,7 @@ class TranslationStream:
                                  no_repeat_ngram=o.no_repeat_ngram, coverage_beta=o.coverage_penalty,
                                  return_attention=return_attention)
         self._sources: dict = {}   # tag -> (source ids, source length with EOS) of each sentence in flight
-        self._blank: dict = {}     # tag -> [empty Translation]: lines of no subwords, answered at the next step
+        self._blank: list = []     # tags of lines with no subwords, answered at the next step
 
     @property
     def live(self) -> int:
@@ -271,7 +276,7 @@ class TranslationStream:
     @property
     def tags(self) -> list:
         """The tags of the sentences in flight."""
-        return list(self._sources) + list(self._blank)
+        return list(self._sources) + self._blank
 
     def add(self, lines: Sequence[str], tags: Sequence, line_numbers: Sequence[int] | None = None) -> None:
         """Start translating `lines` (none blank); each result comes back from `step` with its tag.
@@ -291,8 +296,7 @@ class TranslationStream:
         numbers = list(line_numbers) if line_numbers is not None else list(range(1, len(lines) + 1))
         ids = t._encode_sources([line.strip() for line in lines], numbers)
         # characters the tokenizer drops (a zero-width space) leave no subwords: blank, as offline
-        for tag in [tag for tag, seq in zip(tags, ids) if not seq]:
-            self._blank[tag] = [Translation("", 0.0, 0.0, [])]
+        self._blank += [tag for tag, seq in zip(tags, ids) if not seq]
         tags, ids = [tag for tag, seq in zip(tags, ids) if seq], [seq for seq in ids if seq]
         if not ids:
             return
@@ -303,8 +307,8 @@ class TranslationStream:
 
     def step(self) -> list[tuple[object, list[Translation]]]:
         """One decoder step; (tag, translations best first) for each sentence that finished."""
-        out = list(self._blank.items())
-        self._blank.clear()
+        out = [(tag, blank_translations()) for tag in self._blank]
+        self._blank = []
         for tag, hyps in self.search.step():
             seq, n_src = self._sources.pop(tag)
             out.append((tag, [self.translator._to_translation(h, seq, n_src, self.return_attention) for h in hyps]))
@@ -313,8 +317,7 @@ class TranslationStream:
     def drop(self, tags) -> None:
         """Stop translating these sentences (their caller gave up); unknown tags are ignored."""
         tags = list(tags)
-        for t in tags:
-            self._blank.pop(t, None)
+        self._blank = [t for t in self._blank if t not in tags]
         tags = [t for t in tags if t in self._sources]
         self.search.drop(tags)
         for t in tags:
